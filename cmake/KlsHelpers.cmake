@@ -1,0 +1,43 @@
+# Project-wide compile settings and helpers.
+
+# Warnings for every kls target (host and device code).
+function(kls_target_defaults target)
+  set(warn -Wall -Wextra)
+  if(KLS_WERROR)
+    list(APPEND warn -Werror)
+  endif()
+  target_compile_options(${target} PRIVATE
+    $<$<COMPILE_LANGUAGE:CXX>:${warn}>
+    $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra$<$<BOOL:${KLS_WERROR}>:,-Werror> --expt-relaxed-constexpr>)
+  if(KLS_ENABLE_ASAN)
+    target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=address,undefined -fno-omit-frame-pointer>)
+    target_link_options(${target} PRIVATE -fsanitize=address,undefined)
+  endif()
+endfunction()
+
+# kls_add_library(NAME SOURCES ... [DEPS ...] [PRIVATE_DEPS ...])
+# A static library whose include root is the repository root (#include "engine/model/config.h").
+function(kls_add_library name)
+  cmake_parse_arguments(ARG "" "" "SOURCES;DEPS;PRIVATE_DEPS" ${ARGN})
+  add_library(${name} STATIC ${ARG_SOURCES})
+  target_include_directories(${name} PUBLIC ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR})
+  target_link_libraries(${name} PUBLIC ${ARG_DEPS} PRIVATE ${ARG_PRIVATE_DEPS})
+  kls_target_defaults(${name})
+endfunction()
+
+# kls_add_test(NAME SOURCES ... LIBS ... [LABELS ...])
+# One GoogleTest binary; its cases are registered with ctest through gtest_discover_tests.
+function(kls_add_test name)
+  cmake_parse_arguments(ARG "" "" "SOURCES;LIBS;LABELS" ${ARGN})
+  add_executable(${name} ${ARG_SOURCES})
+  target_link_libraries(${name} PRIVATE ${ARG_LIBS} GTest::gtest GTest::gmock GTest::gtest_main)
+  target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR})
+  kls_target_defaults(${name})
+  if(NOT ARG_LABELS)
+    set(ARG_LABELS cpu)
+  endif()
+  gtest_discover_tests(${name}
+    PROPERTIES LABELS "${ARG_LABELS}"
+    ENVIRONMENT "KLS_SOURCE_DIR=${PROJECT_SOURCE_DIR};KLS_BINARY_DIR=${PROJECT_BINARY_DIR}"
+    DISCOVERY_TIMEOUT 60)
+endfunction()

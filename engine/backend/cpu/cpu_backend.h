@@ -1,0 +1,57 @@
+// The CPU backend: fp32 everywhere, the kernels/<op> references for attention, conv, norms and
+// routing, and cpu_ops for the dense projections. The correct reference and the CI path.
+#ifndef KLS_ENGINE_BACKEND_CPU_CPU_BACKEND_H_
+#define KLS_ENGINE_BACKEND_CPU_CPU_BACKEND_H_
+
+#include <memory>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/backend/backend.h"
+#include "engine/model/weights.h"
+#include "kernels/moe/moe_ref.h"
+
+namespace kls::engine {
+
+struct CpuBackendOptions {
+  // vLLM's routing (unbiased weights) is the reference; kBiased reproduces the HF remote code.
+  kernels::RouterWeighting router_weighting = kernels::RouterWeighting::kUnbiased;
+  // KDA prefill uses the chunked algorithm for sequences with more than this many new tokens
+  // and the recurrence otherwise. Both give the same result; tests vary it.
+  int kda_recurrent_max_tokens = 1;
+  // MLA uses absorbed attention over the latent cache for at most this many new tokens and
+  // decompressed (non-absorbed) attention above it.
+  int mla_absorbed_max_tokens = 1;
+};
+
+class CpuBackend final : public Backend {
+ public:
+  // `weights` must outlive nothing else: the backend shares ownership.
+  static absl::StatusOr<std::unique_ptr<CpuBackend>> Create(
+      std::shared_ptr<const ModelWeights> weights, CpuBackendOptions options = {});
+
+  absl::Status Forward(std::span<const SequenceInput> batch, std::span<float> logits) override;
+  const ModelConfig& config() const override { return weights_->config; }
+  std::string_view name() const override { return "cpu"; }
+
+ private:
+  struct Packed;  // per-call packing of the batch (offsets, states)
+
+  CpuBackend(std::shared_ptr<const ModelWeights> weights, CpuBackendOptions options)
+      : weights_(std::move(weights)), options_(options) {}
+
+  absl::Status Validate(std::span<const SequenceInput> batch, std::span<float> logits) const;
+  // Each writes its layer output [T, D] for the normed input a [T, D].
+  void KdaMixer(const LayerWeights& layer, const Packed& packed, const float* a, float* out);
+  void MlaMixer(const LayerWeights& layer, const Packed& packed, const float* a, float* out);
+  void MoeFfn(const LayerWeights& layer, int64_t rows, const float* b, float* out);
+
+  std::shared_ptr<const ModelWeights> weights_;
+  CpuBackendOptions options_;
+};
+
+}  // namespace kls::engine
+
+#endif  // KLS_ENGINE_BACKEND_CPU_CPU_BACKEND_H_

@@ -1,0 +1,127 @@
+#include "engine/scheduler/generator.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace kls::engine {
+namespace {
+
+double SecondsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+absl::StatusOr<LoadedModel> LoadModel(const std::string& model_dir) {
+  LoadedModel model;
+  KLS_ASSIGN_OR_RETURN(std::unique_ptr<ModelWeights> weights, LoadModelWeights(model_dir));
+  KLS_ASSIGN_OR_RETURN(model.tokenizer, Tokenizer::Load(model_dir));
+  if (model.tokenizer->vocab_size() > weights->config.vocab_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(model_dir, ": the tokenizer has ", model.tokenizer->vocab_size(),
+                     " ids but config.json vocab_size is ", weights->config.vocab_size));
+  }
+  model.weights = std::move(weights);
+  return model;
+}
+
+absl::Status ValidateSamplerConfig(const kernels::SamplerConfig& c) {
+  if (!std::isfinite(c.temperature) || c.temperature < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("temperature must be a finite number >= 0, got ", c.temperature));
+  }
+  if (!(c.top_p > 0 && c.top_p <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", c.top_p));
+  }
+  if (c.top_k < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", c.top_k));
+  }
+  return absl::OkStatus();
+}
+
+std::string_view FinishReasonName(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kCancelled:
+      return "cancelled";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<GenerateResult> Generate(Backend& backend, SessionState* state,
+                                        std::span<const int32_t> prompt,
+                                        const GenerateOptions& options,
+                                        const std::function<bool(int32_t)>& on_token) {
+  const ModelConfig& config = backend.config();
+  KLS_RETURN_IF_ERROR(ValidateSamplerConfig(options.sampler));
+  if (options.max_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens must be >= 1, got ", options.max_tokens));
+  }
+  if (options.prefill_chunk_tokens < 1) {
+    return absl::InvalidArgumentError("prefill_chunk_tokens must be >= 1");
+  }
+  if (state == nullptr) return absl::InvalidArgumentError("generate: no session state");
+  if (prompt.empty()) return absl::InvalidArgumentError("generate: the prompt is empty");
+  for (int32_t id : prompt) {
+    if (id < 0 || id >= config.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt token id ", id, " is outside the vocabulary [0, ", config.vocab_size, ")"));
+    }
+  }
+  const int64_t context = state->num_tokens() + static_cast<int64_t>(prompt.size());
+  if (context > config.model_max_length) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt of ", prompt.size(), " tokens (", context, " with the session's history) exceeds ",
+        "the context limit of ", config.model_max_length, " tokens"));
+  }
+
+  GenerateResult result;
+  result.prompt_tokens = static_cast<int64_t>(prompt.size());
+  std::vector<float> logits(config.vocab_size);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (size_t begin = 0; begin < prompt.size(); begin += options.prefill_chunk_tokens) {
+    const size_t len =
+        std::min(prompt.size() - begin, static_cast<size_t>(options.prefill_chunk_tokens));
+    SequenceInput input{prompt.subspan(begin, len), state};
+    KLS_RETURN_IF_ERROR(backend.Forward({&input, 1}, logits));
+  }
+  result.prefill_seconds = SecondsSince(t0);
+
+  const auto t1 = std::chrono::steady_clock::now();
+  while (true) {
+    if (options.observe_logits) options.observe_logits(logits);
+    const int32_t token =
+        kernels::SampleReference(logits.data(), config.vocab_size, options.sampler,
+                                 static_cast<uint64_t>(state->num_tokens()));
+    result.tokens.push_back(token);
+    result.pending_token = token;
+    if (on_token && !on_token(token)) {
+      result.finish = FinishReason::kCancelled;
+      break;
+    }
+    if (std::find(options.stop_token_ids.begin(), options.stop_token_ids.end(), token) !=
+        options.stop_token_ids.end()) {
+      result.finish = FinishReason::kStop;
+      break;
+    }
+    // Feeding the token must leave room for it in the context.
+    if (static_cast<int>(result.tokens.size()) >= options.max_tokens ||
+        state->num_tokens() + 1 >= config.model_max_length) {
+      result.finish = FinishReason::kLength;
+      break;
+    }
+    SequenceInput input{std::span<const int32_t>(&result.tokens.back(), 1), state};
+    KLS_RETURN_IF_ERROR(backend.Forward({&input, 1}, logits));
+  }
+  result.decode_seconds = SecondsSince(t1);
+  return result;
+}
+
+}  // namespace kls::engine

@@ -1,0 +1,54 @@
+// The model state of one session: everything a later prefill or decode call continues from.
+#ifndef KLS_ENGINE_STATE_SESSION_STATE_H_
+#define KLS_ENGINE_STATE_SESSION_STATE_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "engine/model/config.h"
+
+namespace kls::engine {
+
+// Per KDA layer (H heads, K = V head dim, W conv width, HK = H*K). Layouts are the snapshot
+// layouts of ARCHITECTURE.md §4.
+struct KdaLayerState {
+  std::vector<float> recurrent;  // [H, K, V] fp32, V contiguous
+  std::vector<float> conv;       // [3 streams (q, k, v)][W-1][HK], oldest input first (pre-conv)
+};
+
+// Per MLA layer: the normalized latent and the shared k_pe of every token so far.
+struct MlaLayerState {
+  std::vector<float> latent;  // [num_tokens, Dc + Dr]
+};
+
+// Value type; copying it forks the session. Not thread-safe: one owner (the engine thread).
+class SessionState {
+ public:
+  SessionState() = default;
+  // Fresh (zero) state for a model: sized KDA states, empty caches, num_tokens 0.
+  explicit SessionState(const ModelConfig& config);
+
+  int64_t num_tokens() const { return num_tokens_; }
+  void set_num_tokens(int64_t n) { num_tokens_ = n; }
+
+  std::vector<KdaLayerState>& kda() { return kda_; }
+  const std::vector<KdaLayerState>& kda() const { return kda_; }
+  std::vector<MlaLayerState>& mla() { return mla_; }
+  const std::vector<MlaLayerState>& mla() const { return mla_; }
+
+  // Bytes of state held (KDA + conv + MLA cache).
+  int64_t ByteSize() const;
+
+  // True when this state was made for a model of that shape.
+  bool MatchesConfig(const ModelConfig& config) const;
+
+ private:
+  int64_t num_tokens_ = 0;
+  int mla_cache_dim_ = 0;
+  std::vector<KdaLayerState> kda_;
+  std::vector<MlaLayerState> mla_;
+};
+
+}  // namespace kls::engine
+
+#endif  // KLS_ENGINE_STATE_SESSION_STATE_H_

@@ -1,0 +1,19 @@
+// Subcommands of the `kls` program. Each registers its flags on the CLI11 app and runs when
+// selected; Run functions return the process exit code (0 ok, 1 failure, 2 bad usage).
+#ifndef KLS_SERVICES_CLI_COMMANDS_H_
+#define KLS_SERVICES_CLI_COMMANDS_H_
+
+#include <functional>
+
+#include "CLI/CLI.hpp"
+
+namespace kls::cli {
+
+// Adds the subcommand to `app`; the returned callable runs it (after parsing succeeded).
+std::function<int()> AddMakeModelCommand(CLI::App& app);
+std::function<int()> AddGenerateCommand(CLI::App& app);
+std::function<int()> AddBenchCommand(CLI::App& app);
+
+}  // namespace kls::cli
+
+#endif  // KLS_SERVICES_CLI_COMMANDS_H_

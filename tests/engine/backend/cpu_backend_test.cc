@@ -1,0 +1,222 @@
+// The CPU forward pass of the whole model: split-prefill equivalence, kernel-choice
+// equivalence, batching, state continuation and bad input.
+#include "engine/backend/cpu/cpu_backend.h"
+
+#include <gtest/gtest.h>
+
+#include <random>
+#include <vector>
+
+#include "tests/engine/tiny_model.h"
+#include "tests/test_util.h"
+
+namespace kls::engine {
+namespace {
+
+using ::kls::testing::RelativeErrorBelow;
+using ::kls::testing::TinyModel;
+
+constexpr double kFp32ModelTolerance = 1e-4;  // the issue's bound for fp32 CPU equivalence
+
+std::vector<int32_t> RandomTokens(int n, uint32_t seed, int vocab = 256) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> ids(n);
+  for (int32_t& id : ids) id = static_cast<int32_t>(rng() % vocab);
+  return ids;
+}
+
+std::unique_ptr<CpuBackend> MakeBackend(CpuBackendOptions options = {}) {
+  auto backend = CpuBackend::Create(TinyModel().weights, options);
+  EXPECT_TRUE(backend.ok()) << backend.status();
+  return *std::move(backend);
+}
+
+// Runs `pieces` of one sequence in order on a fresh state; returns the last logits.
+std::vector<float> RunPieces(Backend& backend, const std::vector<std::vector<int32_t>>& pieces,
+                             SessionState* state) {
+  std::vector<float> logits(backend.config().vocab_size);
+  for (const auto& piece : pieces) {
+    SequenceInput input{piece, state};
+    absl::Status s = backend.Forward({&input, 1}, logits);
+    EXPECT_TRUE(s.ok()) << s;
+  }
+  return logits;
+}
+
+// Every part of two states agrees within `bound` (normwise relative per tensor).
+void ExpectStatesClose(const SessionState& a, const SessionState& b, double bound) {
+  ASSERT_EQ(a.num_tokens(), b.num_tokens());
+  ASSERT_EQ(a.kda().size(), b.kda().size());
+  for (size_t i = 0; i < a.kda().size(); ++i) {
+    EXPECT_TRUE(RelativeErrorBelow(a.kda()[i].recurrent, b.kda()[i].recurrent, bound))
+        << "KDA state of KDA layer " << i;
+    EXPECT_TRUE(RelativeErrorBelow(a.kda()[i].conv, b.kda()[i].conv, bound))
+        << "conv state of KDA layer " << i;
+  }
+  for (size_t i = 0; i < a.mla().size(); ++i) {
+    EXPECT_TRUE(RelativeErrorBelow(a.mla()[i].latent, b.mla()[i].latent, bound))
+        << "MLA cache of MLA layer " << i;
+  }
+}
+
+std::vector<int32_t> Slice(const std::vector<int32_t>& v, size_t begin, size_t end) {
+  return std::vector<int32_t>(v.begin() + begin, v.begin() + end);
+}
+
+// Issue 2: logits of prefill(A+B) equal prefill(A) → prefill(B) and token-by-token decode.
+TEST(CpuBackendTest, SplitPrefillEqualsFullPrefillAndDecode) {
+  const ModelConfig& config = TinyModel().weights->config;
+  auto backend = MakeBackend();
+  const std::vector<int32_t> tokens = RandomTokens(150, 1);
+  const size_t split = 70;  // A crosses a 64-token chunk boundary, B starts mid-chunk
+
+  SessionState full(config);
+  std::vector<float> logits_full = RunPieces(*backend, {tokens}, &full);
+
+  SessionState two(config);
+  std::vector<float> logits_two =
+      RunPieces(*backend, {Slice(tokens, 0, split), Slice(tokens, split, tokens.size())}, &two);
+
+  std::vector<std::vector<int32_t>> one_by_one = {Slice(tokens, 0, split)};
+  for (size_t i = split; i < tokens.size(); ++i) one_by_one.push_back({tokens[i]});
+  SessionState decode(config);
+  std::vector<float> logits_decode = RunPieces(*backend, one_by_one, &decode);
+
+  EXPECT_TRUE(kls::testing::AllFinite(logits_full));
+  EXPECT_TRUE(RelativeErrorBelow(logits_two, logits_full, kFp32ModelTolerance));
+  EXPECT_TRUE(RelativeErrorBelow(logits_decode, logits_full, kFp32ModelTolerance));
+  ExpectStatesClose(two, full, kFp32ModelTolerance);
+  ExpectStatesClose(decode, full, kFp32ModelTolerance);
+  EXPECT_EQ(full.num_tokens(), 150);
+  EXPECT_EQ(full.mla()[0].latent.size(), 150u * config.mla_cache_dim());
+}
+
+// The kernel choice (chunked vs recurrent KDA, absorbed vs decompressed MLA) must not change
+// the result.
+TEST(CpuBackendTest, KernelChoicesAgree) {
+  const ModelConfig& config = TinyModel().weights->config;
+  const std::vector<int32_t> tokens = RandomTokens(100, 2);
+  auto reference = MakeBackend();
+  SessionState ref_state(config);
+  std::vector<float> ref =
+      RunPieces(*reference, {Slice(tokens, 0, 40), Slice(tokens, 40, 100)}, &ref_state);
+  CpuBackendOptions options;
+  options.kda_recurrent_max_tokens = 1000;  // recurrence everywhere
+  options.mla_absorbed_max_tokens = 1000;   // absorbed attention everywhere
+  auto other = MakeBackend(options);
+  SessionState other_state(config);
+  std::vector<float> got =
+      RunPieces(*other, {Slice(tokens, 0, 40), Slice(tokens, 40, 100)}, &other_state);
+  EXPECT_TRUE(RelativeErrorBelow(got, ref, kFp32ModelTolerance));
+  ExpectStatesClose(other_state, ref_state, kFp32ModelTolerance);
+}
+
+// A batch mixing a prefill and decodes equals running each sequence alone.
+TEST(CpuBackendTest, BatchEqualsSequencesAlone) {
+  const ModelConfig& config = TinyModel().weights->config;
+  const int64_t vocab = config.vocab_size;
+  auto backend = MakeBackend();
+  const std::vector<int32_t> a = RandomTokens(67, 3), b = RandomTokens(5, 4), c = {42};
+
+  SessionState sa(config), sb(config), sc(config);
+  RunPieces(*backend, {RandomTokens(9, 5)}, &sc);  // c continues an existing session
+  SessionState sc_alone = sc;
+  SessionState sa_alone(config), sb_alone(config);
+  std::vector<float> la = RunPieces(*backend, {a}, &sa_alone);
+  std::vector<float> lb = RunPieces(*backend, {b}, &sb_alone);
+  std::vector<float> lc = RunPieces(*backend, {c}, &sc_alone);
+
+  std::vector<SequenceInput> batch = {{a, &sa}, {b, &sb}, {c, &sc}};
+  std::vector<float> logits(3 * vocab);
+  ASSERT_TRUE(backend->Forward(batch, logits).ok());
+  auto row = [&](int n) {
+    return std::vector<float>(logits.begin() + n * vocab, logits.begin() + (n + 1) * vocab);
+  };
+  EXPECT_TRUE(RelativeErrorBelow(row(0), la, kFp32ModelTolerance));
+  EXPECT_TRUE(RelativeErrorBelow(row(1), lb, kFp32ModelTolerance));
+  EXPECT_TRUE(RelativeErrorBelow(row(2), lc, kFp32ModelTolerance));
+  ExpectStatesClose(sa, sa_alone, kFp32ModelTolerance);
+  ExpectStatesClose(sb, sb_alone, kFp32ModelTolerance);
+  ExpectStatesClose(sc, sc_alone, kFp32ModelTolerance);
+}
+
+// A copied state is a fork: both copies continue independently and identically.
+TEST(CpuBackendTest, CopiedStateContinuesIdentically) {
+  const ModelConfig& config = TinyModel().weights->config;
+  auto backend = MakeBackend();
+  SessionState base(config);
+  RunPieces(*backend, {RandomTokens(30, 6)}, &base);
+  SessionState fork = base;
+  const std::vector<int32_t> next = RandomTokens(12, 7);
+  std::vector<float> l1 = RunPieces(*backend, {next}, &base);
+  std::vector<float> l2 = RunPieces(*backend, {next}, &fork);
+  EXPECT_EQ(l1, l2);
+}
+
+// Bad input is refused with INVALID_ARGUMENT and leaves the state exactly as it was.
+TEST(CpuBackendTest, BadInputIsRefusedWithoutSideEffects) {
+  const ModelConfig& config = TinyModel().weights->config;
+  auto backend = MakeBackend();
+  SessionState state(config);
+  RunPieces(*backend, {RandomTokens(10, 8)}, &state);
+  const SessionState before = state;
+  std::vector<float> logits(config.vocab_size);
+
+  const std::vector<int32_t> out_of_range = {1, static_cast<int32_t>(config.vocab_size)};
+  SequenceInput bad_id{out_of_range, &state};
+  absl::Status s = backend->Forward({&bad_id, 1}, logits);
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_NE(s.message().find("outside the vocabulary"), std::string_view::npos) << s;
+
+  const std::vector<int32_t> negative = {-1};
+  SequenceInput neg{negative, &state};
+  EXPECT_TRUE(absl::IsInvalidArgument(backend->Forward({&neg, 1}, logits)));
+
+  SequenceInput empty{{}, &state};
+  EXPECT_TRUE(absl::IsInvalidArgument(backend->Forward({&empty, 1}, logits)));
+
+  const std::vector<int32_t> one = {5};
+  std::vector<SequenceInput> dup = {{one, &state}, {one, &state}};
+  std::vector<float> two_rows(2 * config.vocab_size);
+  s = backend->Forward(dup, two_rows);
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+
+  SequenceInput ok{one, &state};
+  std::vector<float> small(3);
+  EXPECT_TRUE(absl::IsInvalidArgument(backend->Forward({&ok, 1}, small)));
+
+  SessionState foreign;  // not shaped for this model
+  SequenceInput wrong_state{one, &foreign};
+  EXPECT_TRUE(absl::IsInvalidArgument(backend->Forward({&wrong_state, 1}, logits)));
+
+  // Longer than the context limit.
+  SessionState near_limit = state;
+  near_limit.set_num_tokens(config.model_max_length);
+  for (auto& m : near_limit.mla())
+    m.latent.resize(config.model_max_length * config.mla_cache_dim());
+  SequenceInput too_long{one, &near_limit};
+  s = backend->Forward({&too_long, 1}, logits);
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_NE(s.message().find("context"), std::string_view::npos) << s;
+
+  // Nothing above touched the state.
+  ExpectStatesClose(state, before, 0.0);
+}
+
+// The MoE routing switch is wired through: biased weights change the output.
+TEST(CpuBackendTest, RouterWeightingSwitchChangesLogits) {
+  const ModelConfig& config = TinyModel().weights->config;
+  const std::vector<int32_t> tokens = RandomTokens(20, 9);
+  auto unbiased = MakeBackend();
+  CpuBackendOptions options;
+  options.router_weighting = kernels::RouterWeighting::kBiased;
+  auto biased = MakeBackend(options);
+  SessionState s1(config), s2(config);
+  std::vector<float> l1 = RunPieces(*unbiased, {tokens}, &s1);
+  std::vector<float> l2 = RunPieces(*biased, {tokens}, &s2);
+  EXPECT_GT(kls::testing::MaxRelativeError(std::span<const float>(l1), std::span<const float>(l2)),
+            1e-3);
+}
+
+}  // namespace
+}  // namespace kls::engine

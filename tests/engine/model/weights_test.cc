@@ -1,0 +1,224 @@
+// Loading checkpoints: foreign layouts (other tools' dtypes, shard splits, tensor order, extra
+// tensors, A_log [1, 1, H, 1]), missing pieces, and make-model's determinism.
+#include "engine/model/weights.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+
+#include "common/file_util.h"
+#include "engine/backend/cpu/cpu_backend.h"
+#include "engine/model/make_model.h"
+#include "nlohmann/json.hpp"
+#include "tests/engine/tiny_model.h"
+
+namespace kls::engine {
+namespace {
+
+using ::kls::testing::WriteModel;
+
+std::string Encode(const std::vector<float>& v, DType dtype) {
+  std::string out(v.size() * DTypeSize(dtype), '\0');
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (dtype == DType::kF32) {
+      std::memcpy(&out[4 * i], &v[i], 4);
+    } else {
+      const uint16_t h = dtype == DType::kBF16 ? FloatToBf16(v[i]) : FloatToHalf(v[i]);
+      std::memcpy(&out[2 * i], &h, 2);
+    }
+  }
+  return out;
+}
+
+float RoundTrip(float x, DType dtype) {
+  if (dtype == DType::kBF16) return Bf16ToFloat(FloatToBf16(x));
+  if (dtype == DType::kF16) return HalfToFloat(FloatToHalf(x));
+  return x;
+}
+
+DType ForeignDType(const WeightBinding& b, size_t i) {
+  if (b.keep_fp32) return DType::kF32;  // A_log, dt_bias, the router bias: fp32 as released
+  return i % 3 == 0 ? DType::kF16 : (i % 3 == 1 ? DType::kBF16 : DType::kF32);
+}
+
+// Rewrites a checkpoint the way another tool might: reversed tensor order, three shards with an
+// index carrying metadata, mixed dtypes, an extra unused tensor. Every value must load as the
+// dtype-rounded original.
+TEST(WeightsTest, LoadsCheckpointsWrittenInOtherLayouts) {
+  const std::string src = WriteModel("tiny", 11);
+  absl::StatusOr<std::unique_ptr<ModelWeights>> original = LoadModelWeights(src);
+  ASSERT_TRUE(original.ok()) << original.status();
+  std::vector<WeightBinding> bindings = BindWeights(original->get());
+
+  const std::string dst = kls::testing::MakeTempDir() + "/foreign";
+  std::filesystem::create_directories(dst);
+  for (const char* f : {"config.json", "tiktoken.model", "tokenizer_config.json"}) {
+    std::filesystem::copy_file(src + "/" + f, dst + "/" + f);
+  }
+  std::vector<std::string> blobs(bindings.size());
+  std::vector<std::vector<TensorToWrite>> shards(3);
+  nlohmann::json index = {{"metadata", {{"total_size", 0}}},
+                          {"weight_map", nlohmann::json::object()}};
+  for (size_t r = 0; r < bindings.size(); ++r) {
+    const size_t i = bindings.size() - 1 - r;
+    const WeightBinding& b = bindings[i];
+    blobs[i] = Encode(*b.dest, ForeignDType(b, i));
+    const size_t shard = r * 3 / bindings.size();
+    shards[shard].push_back({b.name, ForeignDType(b, i), b.shape, blobs[i]});
+    index["weight_map"][b.name] = "part-" + std::to_string(shard) + ".safetensors";
+  }
+  const std::vector<float> extra(64, 0.5f);
+  const std::string extra_bytes = Encode(extra, DType::kF32);
+  shards[0].push_back(
+      {"model.layers.3.self_attn.rotary_emb.inv_freq", DType::kF32, {64}, extra_bytes});
+  index["weight_map"]["model.layers.3.self_attn.rotary_emb.inv_freq"] = "part-0.safetensors";
+  for (int s = 0; s < 3; ++s) {
+    ASSERT_TRUE(WriteSafetensors(dst + "/part-" + std::to_string(s) + ".safetensors", shards[s],
+                                 {{"format", "pt"}})
+                    .ok());
+  }
+  ASSERT_TRUE(WriteStringToFile(dst + "/model.safetensors.index.json", index.dump()).ok());
+
+  absl::StatusOr<std::unique_ptr<ModelWeights>> loaded = LoadModelWeights(dst);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  std::vector<WeightBinding> got = BindWeights(loaded->get());
+  ASSERT_EQ(got.size(), bindings.size());
+  for (size_t i = 0; i < bindings.size(); ++i) {
+    ASSERT_EQ(got[i].name, bindings[i].name);
+    ASSERT_EQ(got[i].dest->size(), bindings[i].dest->size()) << got[i].name;
+    const DType dtype = ForeignDType(bindings[i], i);
+    for (size_t j = 0; j < got[i].dest->size(); ++j) {
+      ASSERT_EQ((*got[i].dest)[j], RoundTrip((*bindings[i].dest)[j], dtype))
+          << got[i].name << "[" << j << "] stored as " << DTypeName(dtype);
+    }
+  }
+  // A_log is [1, 1, H, 1] in the file and [H] in memory.
+  EXPECT_EQ((*loaded)->layers[0].kda.a_log.size(),
+            static_cast<size_t>((*loaded)->config.linear_attn_config.num_heads));
+
+  // And the model runs on it.
+  auto backend = CpuBackend::Create(std::shared_ptr<const ModelWeights>(*std::move(loaded)));
+  ASSERT_TRUE(backend.ok());
+  SessionState state((*backend)->config());
+  const std::vector<int32_t> tokens = {1, 2, 3, 4, 5};
+  SequenceInput input{tokens, &state};
+  std::vector<float> logits((*backend)->config().vocab_size);
+  ASSERT_TRUE((*backend)->Forward({&input, 1}, logits).ok());
+  EXPECT_TRUE(kls::testing::AllFinite(logits));
+}
+
+TEST(WeightsTest, MissingOrMisshapenTensorIsNamed) {
+  const std::string dir = WriteModel("tiny", 12);
+  absl::StatusOr<std::unique_ptr<ModelWeights>> original = LoadModelWeights(dir);
+  ASSERT_TRUE(original.ok());
+  std::vector<WeightBinding> bindings = BindWeights(original->get());
+
+  // Drop one tensor.
+  std::vector<std::string> blobs;
+  std::vector<TensorToWrite> tensors;
+  blobs.reserve(bindings.size());
+  for (const WeightBinding& b : bindings) {
+    blobs.push_back(Encode(*b.dest, DType::kF32));
+    if (b.name == "model.layers.3.self_attn.kv_b_proj.weight") continue;
+    tensors.push_back({b.name, DType::kF32, b.shape, blobs.back()});
+  }
+  ASSERT_TRUE(WriteSafetensors(dir + "/model.safetensors", tensors).ok());
+  absl::StatusOr<std::unique_ptr<ModelWeights>> r = LoadModelWeights(dir);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("model.layers.3.self_attn.kv_b_proj.weight"),
+            std::string_view::npos)
+      << r.status();
+
+  // A tensor with the wrong shape (transposed f_a_proj, [64, 256]).
+  tensors.clear();
+  for (size_t i = 0; i < bindings.size(); ++i) {
+    std::vector<int64_t> shape = bindings[i].shape;
+    if (bindings[i].name == "model.layers.1.self_attn.f_a_proj.weight")
+      std::swap(shape[0], shape[1]);
+    tensors.push_back({bindings[i].name, DType::kF32, shape, blobs[i]});
+  }
+  ASSERT_TRUE(WriteSafetensors(dir + "/model.safetensors", tensors).ok());
+  r = LoadModelWeights(dir);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("model.layers.1.self_attn.f_a_proj.weight"),
+            std::string_view::npos)
+      << r.status();
+}
+
+TEST(WeightsTest, MissingFilesAndBadConfigAreClearErrors) {
+  const std::string dir = WriteModel("tiny", 13);
+  // Tokenizer file missing.
+  std::filesystem::remove(dir + "/tiktoken.model");
+  absl::StatusOr<LoadedModel> m = LoadModel(dir);
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(m.status().message().find("tiktoken.model"), std::string_view::npos) << m.status();
+
+  // Unsupported model_type.
+  absl::StatusOr<std::string> text = ReadFileToString(dir + "/config.json");
+  ASSERT_TRUE(text.ok());
+  nlohmann::json config = nlohmann::json::parse(*text);
+  config["model_type"] = "deepseek_v3";
+  ASSERT_TRUE(WriteStringToFile(dir + "/config.json", config.dump()).ok());
+  absl::StatusOr<std::unique_ptr<ModelWeights>> w = LoadModelWeights(dir);
+  ASSERT_FALSE(w.ok());
+  EXPECT_NE(w.status().message().find("deepseek_v3"), std::string_view::npos) << w.status();
+
+  // Weights missing altogether.
+  const std::string empty = kls::testing::MakeTempDir();
+  std::filesystem::copy_file(dir + "/tokenizer_config.json", empty + "/tokenizer_config.json");
+  config["model_type"] = "kimi_linear";
+  ASSERT_TRUE(WriteStringToFile(empty + "/config.json", config.dump()).ok());
+  w = LoadModelWeights(empty);
+  ASSERT_FALSE(w.ok());
+  EXPECT_TRUE(absl::IsNotFound(w.status())) << w.status();
+}
+
+TEST(MakeModelTest, SameSeedSameBytesOtherSeedOtherWeights) {
+  const std::string a = WriteModel("tiny", 5, DType::kBF16);
+  const std::string b = WriteModel("tiny", 5, DType::kBF16);
+  const std::string c = WriteModel("tiny", 6, DType::kBF16);
+  auto read = [](const std::string& dir) {
+    absl::StatusOr<std::string> s = ReadFileToString(dir + "/model.safetensors");
+    EXPECT_TRUE(s.ok());
+    return s.ok() ? *s : std::string();
+  };
+  EXPECT_EQ(read(a), read(b));
+  EXPECT_NE(read(a), read(c));
+}
+
+TEST(MakeModelTest, ShardedOutputLoadsLikeSingleFile) {
+  const std::string single = WriteModel("tiny", 21, DType::kBF16);
+  const std::string sharded = WriteModel("tiny", 21, DType::kBF16, /*max_shard_bytes=*/1 << 20);
+  EXPECT_TRUE(FileExists(sharded + "/model.safetensors.index.json"));
+  EXPECT_FALSE(FileExists(sharded + "/model.safetensors"));
+  absl::StatusOr<std::unique_ptr<ModelWeights>> x = LoadModelWeights(single);
+  absl::StatusOr<std::unique_ptr<ModelWeights>> y = LoadModelWeights(sharded);
+  ASSERT_TRUE(x.ok() && y.ok());
+  EXPECT_EQ((*x)->lm_head, (*y)->lm_head);
+  EXPECT_EQ((*x)->layers[5].moe.experts[3].down, (*y)->layers[5].moe.experts[3].down);
+  EXPECT_EQ((*x)->fingerprint, (*y)->fingerprint);
+}
+
+TEST(MakeModelTest, PresetsAreValidAndTinyHasTheIssueShape) {
+  for (const std::string& name : PresetNames()) {
+    absl::StatusOr<ModelConfig> c = PresetConfig(name);
+    ASSERT_TRUE(c.ok()) << name << ": " << c.status();
+  }
+  ModelConfig tiny = *PresetConfig("tiny");
+  EXPECT_EQ(tiny.hidden_size, 256);
+  EXPECT_EQ(tiny.num_kda_layers(), 6);
+  EXPECT_EQ(tiny.num_mla_layers(), 2);
+  EXPECT_EQ(tiny.layer_kind(3), LayerKind::kMla);
+  EXPECT_EQ(tiny.layer_kind(7), LayerKind::kMla);
+  EXPECT_EQ(tiny.ffn_kind(0), FfnKind::kDense);
+  EXPECT_EQ(tiny.ffn_kind(1), FfnKind::kMoe);
+  ModelConfig big = *PresetConfig("kimi-linear-48b");
+  EXPECT_EQ(big.num_kda_layers(), 20);
+  EXPECT_EQ(big.num_mla_layers(), 7);
+  EXPECT_EQ(big.linear_attn_config.full_attn_layers, (std::vector<int>{4, 8, 12, 16, 20, 24, 27}));
+  EXPECT_TRUE(absl::IsNotFound(PresetConfig("gpt2").status()));
+}
+
+}  // namespace
+}  // namespace kls::engine

@@ -1,0 +1,164 @@
+// The generation loop: determinism, stop and length handling, the pending token, bad options.
+#include "engine/scheduler/generator.h"
+
+#include <gtest/gtest.h>
+
+#include "engine/backend/cpu/cpu_backend.h"
+#include "tests/engine/tiny_model.h"
+
+namespace kls::engine {
+namespace {
+
+using ::kls::testing::TinyModel;
+
+std::unique_ptr<CpuBackend> MakeBackend() {
+  auto backend = CpuBackend::Create(TinyModel().weights);
+  EXPECT_TRUE(backend.ok()) << backend.status();
+  return *std::move(backend);
+}
+
+std::vector<int32_t> Prompt() {
+  absl::StatusOr<std::vector<int32_t>> ids = TinyModel().tokenizer->Encode("Hello, Kimi!");
+  EXPECT_TRUE(ids.ok());
+  return *ids;
+}
+
+GenerateResult RunTurn(Backend& backend, SessionState* state, const std::vector<int32_t>& prompt,
+                       const GenerateOptions& options) {
+  absl::StatusOr<GenerateResult> r = Generate(backend, state, prompt, options);
+  EXPECT_TRUE(r.ok()) << r.status();
+  return r.ok() ? *r : GenerateResult{};
+}
+
+TEST(GeneratorTest, SameSeedSameTokens) {
+  auto backend = MakeBackend();
+  const ModelConfig& config = backend->config();
+  GenerateOptions options;
+  options.sampler = {1.0f, 0.9f, 50, 1234};
+  options.max_tokens = 24;
+  SessionState s1(config), s2(config), s3(config);
+  GenerateResult a = RunTurn(*backend, &s1, Prompt(), options);
+  GenerateResult b = RunTurn(*backend, &s2, Prompt(), options);
+  EXPECT_EQ(a.tokens, b.tokens);
+  EXPECT_EQ(a.tokens.size(), 24u);
+  options.sampler.seed = 99;
+  GenerateResult c = RunTurn(*backend, &s3, Prompt(), options);
+  EXPECT_NE(a.tokens, c.tokens);  // 24 draws at temperature 1 coinciding would be astonishing
+}
+
+TEST(GeneratorTest, GreedyIsArgmaxOfLogits) {
+  auto backend = MakeBackend();
+  const ModelConfig& config = backend->config();
+  GenerateOptions options;
+  options.sampler.temperature = 0;
+  options.max_tokens = 1;
+  SessionState state(config);
+  GenerateResult r = RunTurn(*backend, &state, Prompt(), options);
+  SessionState again(config);
+  std::vector<float> logits(config.vocab_size);
+  std::vector<int32_t> prompt = Prompt();
+  SequenceInput input{prompt, &again};
+  ASSERT_TRUE(backend->Forward({&input, 1}, logits).ok());
+  const int32_t argmax =
+      static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  ASSERT_EQ(r.tokens.size(), 1u);
+  EXPECT_EQ(r.tokens[0], argmax);
+}
+
+// ARCHITECTURE.md §3: every generated token but the last is fed; the last is pending.
+TEST(GeneratorTest, LastTokenIsPendingAndNextTurnContinues) {
+  auto backend = MakeBackend();
+  const ModelConfig& config = backend->config();
+  GenerateOptions options;
+  options.sampler.temperature = 0;
+  options.max_tokens = 10;
+  const std::vector<int32_t> prompt = Prompt();
+  SessionState state(config);
+  GenerateResult first = RunTurn(*backend, &state, prompt, options);
+  ASSERT_EQ(first.finish, FinishReason::kLength);
+  EXPECT_EQ(state.num_tokens(), static_cast<int64_t>(prompt.size() + first.tokens.size() - 1));
+  EXPECT_EQ(first.pending_token, first.tokens.back());
+
+  // Turn 2 on the session equals one fresh prefill of the whole history.
+  std::vector<int32_t> turn2 = {first.pending_token, 65, 66, 67};
+  GenerateResult second = RunTurn(*backend, &state, turn2, options);
+  std::vector<int32_t> history = prompt;
+  history.insert(history.end(), first.tokens.begin(), first.tokens.end() - 1);
+  history.insert(history.end(), turn2.begin(), turn2.end());
+  SessionState fresh(config);
+  GenerateResult replay = RunTurn(*backend, &fresh, history, options);
+  EXPECT_EQ(second.tokens, replay.tokens);
+}
+
+TEST(GeneratorTest, StopTokenEndsTheTurn) {
+  auto backend = MakeBackend();
+  GenerateOptions options;
+  options.sampler.temperature = 0;
+  options.max_tokens = 5;
+  SessionState probe(backend->config());
+  GenerateResult free_run = RunTurn(*backend, &probe, Prompt(), options);
+  ASSERT_GE(free_run.tokens.size(), 3u);
+  // Declare the third greedy token a stop token: the turn ends there with kStop.
+  options.stop_token_ids = {free_run.tokens[2]};
+  SessionState state(backend->config());
+  GenerateResult r = RunTurn(*backend, &state, Prompt(), options);
+  const auto first_stop =
+      std::find(free_run.tokens.begin(), free_run.tokens.end(), free_run.tokens[2]);
+  EXPECT_EQ(r.finish, FinishReason::kStop);
+  EXPECT_EQ(r.tokens, std::vector<int32_t>(free_run.tokens.begin(), first_stop + 1));
+}
+
+TEST(GeneratorTest, CancelStopsAfterTheToken) {
+  auto backend = MakeBackend();
+  GenerateOptions options;
+  options.max_tokens = 50;
+  int seen = 0;
+  SessionState state(backend->config());
+  absl::StatusOr<GenerateResult> r =
+      Generate(*backend, &state, Prompt(), options, [&](int32_t) { return ++seen < 3; });
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->finish, FinishReason::kCancelled);
+  EXPECT_EQ(r->tokens.size(), 3u);
+}
+
+TEST(GeneratorTest, BadOptionsAndPromptsAreRefusedBeforeAnyChange) {
+  auto backend = MakeBackend();
+  const ModelConfig& config = backend->config();
+  SessionState state(config);
+  const std::vector<int32_t> prompt = Prompt();
+  GenerateOptions options;
+  auto expect_invalid = [&](const GenerateOptions& o, std::span<const int32_t> p,
+                            const char* needle) {
+    absl::StatusOr<GenerateResult> r = Generate(*backend, &state, p, o);
+    ASSERT_FALSE(r.ok());
+    EXPECT_TRUE(absl::IsInvalidArgument(r.status())) << r.status();
+    EXPECT_NE(r.status().message().find(needle), std::string_view::npos) << r.status();
+    EXPECT_EQ(state.num_tokens(), 0);
+  };
+  GenerateOptions o = options;
+  o.sampler.temperature = -1;
+  expect_invalid(o, prompt, "temperature");
+  o = options;
+  o.sampler.temperature = std::numeric_limits<float>::quiet_NaN();
+  expect_invalid(o, prompt, "temperature");
+  o = options;
+  o.sampler.top_p = 0;
+  expect_invalid(o, prompt, "top_p");
+  o = options;
+  o.sampler.top_p = 1.5f;
+  expect_invalid(o, prompt, "top_p");
+  o = options;
+  o.sampler.top_k = -2;
+  expect_invalid(o, prompt, "top_k");
+  o = options;
+  o.max_tokens = 0;
+  expect_invalid(o, prompt, "max_tokens");
+  expect_invalid(options, {}, "empty");
+  const std::vector<int32_t> bad = {1, 2, static_cast<int32_t>(config.vocab_size) + 5};
+  expect_invalid(options, bad, "outside the vocabulary");
+  const std::vector<int32_t> too_long(config.model_max_length + 1, 65);
+  expect_invalid(options, too_long, "context limit");
+}
+
+}  // namespace
+}  // namespace kls::engine
