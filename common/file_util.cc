@@ -5,12 +5,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
-#include <fstream>
-#include <sstream>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace kls {
 namespace {
@@ -45,31 +47,81 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
 }
 
 absl::Status WriteStringToFile(const std::string& path, std::string_view contents) {
-  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return ErrnoStatus(errno, "cannot create", tmp);
-  size_t done = 0;
-  while (done < contents.size()) {
-    ssize_t n = ::write(fd, contents.data() + done, contents.size() - done);
+  KLS_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer, AtomicFileWriter::Create(path));
+  KLS_RETURN_IF_ERROR(writer->Append(contents));
+  return writer->Commit();
+}
+
+absl::StatusOr<std::unique_ptr<AtomicFileWriter>> AtomicFileWriter::Create(
+    const std::string& path) {
+  static std::atomic<uint64_t> counter{0};
+  // O_EXCL: a stale file left by a crashed process that had the same pid is never reused; take
+  // the next name instead.
+  constexpr int kMaxAttempts = 100;
+  for (int attempt = 0;; ++attempt) {
+    std::string tmp = absl::StrCat(path, ".tmp.", ::getpid(), ".", counter.fetch_add(1));
+    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+      return std::unique_ptr<AtomicFileWriter>(new AtomicFileWriter(path, std::move(tmp), fd));
+    }
+    if (errno != EEXIST || attempt + 1 == kMaxAttempts) {
+      return ErrnoStatus(errno, "cannot create", tmp);
+    }
+  }
+}
+
+AtomicFileWriter::~AtomicFileWriter() {
+  if (!committed_) Discard();
+}
+
+void AtomicFileWriter::Discard() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+    fd_ = -1;
+  }
+  ::unlink(temp_path_.c_str());
+}
+
+absl::Status AtomicFileWriter::Append(std::string_view bytes) {
+  if (commit_called_) {
+    return absl::FailedPreconditionError(absl::StrCat("Append after Commit for ", path_));
+  }
+  if (!error_.ok()) return error_;
+  const char* p = bytes.data();
+  size_t left = bytes.size();
+  while (left > 0) {
+    const ssize_t n = ::write(fd_, p, left);
     if (n < 0) {
       if (errno == EINTR) continue;
-      int err = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return ErrnoStatus(err, "cannot write", tmp);
+      error_ = ErrnoStatus(errno, "cannot write", temp_path_);
+      return error_;
     }
-    done += static_cast<size_t>(n);
+    p += n;
+    left -= static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    int err = errno;
-    ::unlink(tmp.c_str());
-    return ErrnoStatus(err, "cannot flush", tmp);
+  return absl::OkStatus();
+}
+
+absl::Status AtomicFileWriter::Commit() {
+  if (commit_called_) {
+    return absl::FailedPreconditionError(absl::StrCat("Commit called twice for ", path_));
   }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int err = errno;
-    ::unlink(tmp.c_str());
-    return ErrnoStatus(err, "cannot rename to", path);
+  commit_called_ = true;
+  if (error_.ok() && ::fsync(fd_) != 0) error_ = ErrnoStatus(errno, "cannot flush", temp_path_);
+  if (fd_ >= 0) {
+    const int rc = ::close(fd_);
+    fd_ = -1;
+    // close can report a deferred write error (e.g. NFS); the data is then not known to be there.
+    if (rc != 0 && error_.ok()) error_ = ErrnoStatus(errno, "cannot close", temp_path_);
   }
+  if (error_.ok() && ::rename(temp_path_.c_str(), path_.c_str()) != 0) {
+    error_ = ErrnoStatus(errno, "cannot rename to", path_);
+  }
+  if (!error_.ok()) {
+    Discard();
+    return error_;
+  }
+  committed_ = true;
   return absl::OkStatus();
 }
 

@@ -20,12 +20,23 @@ namespace {
 
 using json = nlohmann::json;
 
-// Sanity caps: far above any Kimi Linear size, low enough that products of two dimensions
-// (heads × head_dim, ...) computed in the engine cannot overflow.
+// Sanity caps, far above any Kimi Linear size (KIMI_LINEAR.md §1.1: hidden 2304, 32 heads, KDA
+// head_dim 128, kv_lora_rank 512, qk 128 + 64, v 128). Dimensions that size per-session state
+// (the KDA state H × K × K and conv window per layer, the MLA latent cache per token) and
+// activations have tight caps, so a hostile config.json cannot make the engine allocate huge
+// buffers per session. kMaxDim bounds the rest (weight widths, which the checkpoint must match).
 constexpr int64_t kMaxDim = int64_t{1} << 20;
+constexpr int64_t kMaxHiddenSize = 65536;
+constexpr int64_t kMaxHeads = 1024;
+constexpr int64_t kMaxKdaHeadDim = 1024;
+constexpr int64_t kMaxMlaDim = 4096;  // kv_lora_rank, qk_nope/qk_rope/v head dims
 constexpr int64_t kMaxLayers = 4096;
 constexpr int64_t kMaxExperts = int64_t{1} << 16;
 constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+// Products the engine forms in int (kda_dim, heads × qk_head_dim, mla_cache_dim) cannot overflow.
+static_assert(kMaxHeads * kMaxKdaHeadDim <= kMaxInt);
+static_assert(kMaxHeads * (2 * kMaxMlaDim) <= kMaxInt);
+constexpr absl::string_view kStateCap = "the cap bounds per-session state";
 
 constexpr absl::string_view kLinearAttn = "linear_attn_config";
 
@@ -39,6 +50,23 @@ absl::Status Invalid(absl::string_view message) {
 
 absl::Status TypeError(absl::string_view path, absl::string_view what) {
   return Invalid(absl::StrCat("key '", path, "' must be ", what));
+}
+
+// An untrusted JSON value for an error message: a scalar as JSON text (a string cut to 40 bytes),
+// an array or object by its type name. Never dump() a structured value: dump() recurses once per
+// nesting level, so a deeply nested config.json would overflow the stack.
+std::string Describe(const json& v) {
+  if (v.is_structured()) return v.type_name();
+  if (v.is_string()) {
+    constexpr size_t kMaxChars = 40;
+    const std::string& str = v.get_ref<const std::string&>();
+    if (str.size() > kMaxChars) {
+      // `replace` covers a UTF-8 character cut at the limit.
+      return json(str.substr(0, kMaxChars)).dump(-1, ' ', false, json::error_handler_t::replace) +
+             "...";
+    }
+  }
+  return v.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
 // Finds `key` in `obj` (a JSON object); INVALID_ARGUMENT naming the dotted path if absent.
@@ -65,7 +93,7 @@ bool JsonToInt64(const json& v, int64_t* out) {
 }
 
 // Integer key with an inclusive range [lo, hi].
-// `why` (optional) explains a restriction in the error message.
+// `why` (optional) explains the upper bound; it is added to the message when the value exceeds it.
 absl::StatusOr<int64_t> GetInt64(const json& obj, absl::string_view prefix, absl::string_view key,
                                  int64_t lo, int64_t hi, absl::string_view why = "") {
   const std::string path = KeyPath(prefix, key);
@@ -73,7 +101,7 @@ absl::StatusOr<int64_t> GetInt64(const json& obj, absl::string_view prefix, absl
   int64_t value = 0;
   if (!v->is_number_integer()) return TypeError(path, "an integer");
   if (!JsonToInt64(*v, &value)) {
-    return Invalid(absl::StrCat("key '", path, "' is out of range (got ", v->dump(), ")"));
+    return Invalid(absl::StrCat("key '", path, "' is out of range (got ", Describe(*v), ")"));
   }
   if (value < lo || value > hi) {
     std::string range;
@@ -84,8 +112,9 @@ absl::StatusOr<int64_t> GetInt64(const json& obj, absl::string_view prefix, absl
     } else {
       range = absl::StrCat("in [", lo, ", ", hi, "]");
     }
+    const bool explain = value > hi && !why.empty();
     return Invalid(absl::StrCat("key '", path, "' must be ", range, " (got ", value, ")",
-                                why.empty() ? "" : ": ", why));
+                                explain ? ": " : "", explain ? why : ""));
   }
   return value;
 }
@@ -104,7 +133,7 @@ absl::Status GetDouble(const json& obj, absl::string_view key, double above, dou
   const double d = v->get<double>();
   if (!std::isfinite(d) || !(d > above)) {
     return Invalid(absl::StrCat("key '", key, "' must be a finite number > ", above, " (got ",
-                                v->dump(), ")"));
+                                Describe(*v), ")"));
   }
   *out = d;
   return absl::OkStatus();
@@ -192,7 +221,7 @@ absl::Status RefuseGateLowerBound(const json& obj, absl::string_view prefix) {
   auto it = obj.find("gate_lower_bound");
   // null means "no lower bound", which is what this engine implements.
   if (it != obj.end() && !it->is_null()) {
-    return Invalid(absl::StrCat("key '", KeyPath(prefix, "gate_lower_bound"), "' (", it->dump(),
+    return Invalid(absl::StrCat("key '", KeyPath(prefix, "gate_lower_bound"), "' (", Describe(*it),
                                 ") is unsupported: the KDA forget gate here is unbounded, as in "
                                 "Kimi-Linear-48B"));
   }
@@ -203,16 +232,14 @@ absl::Status ParseLinearAttn(const json& root, int num_layers, LinearAttnConfig*
   KLS_ASSIGN_OR_RETURN(const json* obj, Require(root, "", kLinearAttn));
   if (!obj->is_object()) return TypeError(kLinearAttn, "an object");
   KLS_RETURN_IF_ERROR(RefuseGateLowerBound(*obj, kLinearAttn));
-  KLS_RETURN_IF_ERROR(GetInt(*obj, kLinearAttn, "num_heads", 1, kMaxDim, &la->num_heads));
-  KLS_RETURN_IF_ERROR(GetInt(*obj, kLinearAttn, "head_dim", 1, kMaxDim, &la->head_dim));
+  KLS_RETURN_IF_ERROR(
+      GetInt(*obj, kLinearAttn, "num_heads", 1, kMaxHeads, &la->num_heads, kStateCap));
+  KLS_RETURN_IF_ERROR(
+      GetInt(*obj, kLinearAttn, "head_dim", 1, kMaxKdaHeadDim, &la->head_dim, kStateCap));
   KLS_RETURN_IF_ERROR(
       GetInt(*obj, kLinearAttn, "short_conv_kernel_size", 2, 1024, &la->short_conv_kernel_size));
   KLS_RETURN_IF_ERROR(GetLayerList(*obj, "kda_layers", &la->kda_layers));
   KLS_RETURN_IF_ERROR(GetLayerList(*obj, "full_attn_layers", &la->full_attn_layers));
-  if (int64_t{la->num_heads} * la->head_dim > kMaxInt) {
-    return Invalid(absl::StrCat("linear_attn_config num_heads × head_dim (", la->num_heads, " × ",
-                                la->head_dim, ") is too large"));
-  }
   return CheckLayerPartition(*la, num_layers);
 }
 
@@ -251,10 +278,13 @@ absl::Status ParseImpl(const json& root, ModelConfig* c) {
   KLS_RETURN_IF_ERROR(ParseTorchDtype(root, &c->torch_dtype));
 
   KLS_ASSIGN_OR_RETURN(c->vocab_size, GetInt64(root, "", "vocab_size", 1, kMaxInt));
-  KLS_RETURN_IF_ERROR(GetInt(root, "", "hidden_size", 1, kMaxDim, &c->hidden_size));
+  KLS_RETURN_IF_ERROR(
+      GetInt(root, "", "hidden_size", 1, kMaxHiddenSize, &c->hidden_size, kStateCap));
   KLS_RETURN_IF_ERROR(GetInt(root, "", "num_hidden_layers", 1, kMaxLayers, &c->num_hidden_layers));
-  KLS_RETURN_IF_ERROR(GetInt(root, "", "num_attention_heads", 1, kMaxDim, &c->num_attention_heads));
-  KLS_RETURN_IF_ERROR(GetInt(root, "", "num_key_value_heads", 1, kMaxDim, &c->num_key_value_heads));
+  KLS_RETURN_IF_ERROR(
+      GetInt(root, "", "num_attention_heads", 1, kMaxHeads, &c->num_attention_heads, kStateCap));
+  KLS_RETURN_IF_ERROR(
+      GetInt(root, "", "num_key_value_heads", 1, kMaxHeads, &c->num_key_value_heads, kStateCap));
   KLS_RETURN_IF_ERROR(GetInt(root, "", "head_dim", 1, kMaxDim, &c->head_dim));
   KLS_RETURN_IF_ERROR(GetInt(root, "", "intermediate_size", 1, kMaxDim, &c->intermediate_size));
   KLS_RETURN_IF_ERROR(GetFixedString(root, "hidden_act", "silu", &c->hidden_act));
@@ -263,6 +293,11 @@ absl::Status ParseImpl(const json& root, ModelConfig* c) {
   KLS_ASSIGN_OR_RETURN(c->model_max_length, GetInt64(root, "", "model_max_length", 1,
                                                      std::numeric_limits<int64_t>::max()));
   KLS_RETURN_IF_ERROR(GetBool(root, "tie_word_embeddings", &c->tie_word_embeddings));
+  if (c->tie_word_embeddings) {
+    // The loader always reads lm_head.weight; tied weights would need it to alias embed_tokens.
+    return Invalid(
+        "tie_word_embeddings: true is not supported (Kimi Linear has a separate lm_head)");
+  }
   for (auto [key, field] :
        {std::pair{"bos_token_id", &c->bos_token_id}, std::pair{"eos_token_id", &c->eos_token_id},
         std::pair{"pad_token_id", &c->pad_token_id}}) {
@@ -276,23 +311,20 @@ absl::Status ParseImpl(const json& root, ModelConfig* c) {
   // MLA.
   KLS_ASSIGN_OR_RETURN(const json* q_lora_rank, Require(root, "", "q_lora_rank"));
   if (!q_lora_rank->is_null()) {
-    return Invalid(absl::StrCat("key 'q_lora_rank' must be null (got ", q_lora_rank->dump(),
+    return Invalid(absl::StrCat("key 'q_lora_rank' must be null (got ", Describe(*q_lora_rank),
                                 "): a low-rank Q projection is unsupported"));
   }
   c->q_lora_rank.reset();
-  KLS_RETURN_IF_ERROR(GetInt(root, "", "kv_lora_rank", 1, kMaxDim, &c->kv_lora_rank));
-  KLS_RETURN_IF_ERROR(GetInt(root, "", "qk_nope_head_dim", 1, kMaxDim, &c->qk_nope_head_dim));
+  KLS_RETURN_IF_ERROR(GetInt(root, "", "kv_lora_rank", 1, kMaxMlaDim, &c->kv_lora_rank, kStateCap));
+  KLS_RETURN_IF_ERROR(
+      GetInt(root, "", "qk_nope_head_dim", 1, kMaxMlaDim, &c->qk_nope_head_dim, kStateCap));
   // 0 would mean no decoupled key slice at all; Kimi-Linear-48B has 64.
-  KLS_RETURN_IF_ERROR(GetInt(root, "", "qk_rope_head_dim", 0, kMaxDim, &c->qk_rope_head_dim));
-  KLS_RETURN_IF_ERROR(GetInt(root, "", "v_head_dim", 1, kMaxDim, &c->v_head_dim));
+  KLS_RETURN_IF_ERROR(
+      GetInt(root, "", "qk_rope_head_dim", 0, kMaxMlaDim, &c->qk_rope_head_dim, kStateCap));
+  KLS_RETURN_IF_ERROR(GetInt(root, "", "v_head_dim", 1, kMaxMlaDim, &c->v_head_dim, kStateCap));
   KLS_RETURN_IF_ERROR(GetBool(root, "mla_use_nope", &c->mla_use_nope));
   if (!c->mla_use_nope) {
     return Invalid("key 'mla_use_nope' must be true: rotary MLA is unsupported");
-  }
-  const int64_t heads = c->num_attention_heads;
-  if (heads * (int64_t{c->qk_nope_head_dim} + c->qk_rope_head_dim) > kMaxInt ||
-      heads * c->v_head_dim > kMaxInt) {
-    return Invalid("MLA projection widths (num_attention_heads × head dims) are too large");
   }
 
   // KDA. gate_lower_bound belongs in linear_attn_config; refuse it at the top level too.
@@ -307,8 +339,9 @@ absl::Status ParseImpl(const json& root, ModelConfig* c) {
     return Invalid(absl::StrCat("key 'num_experts_per_token' (", c->num_experts_per_token,
                                 ") must be <= num_experts (", c->num_experts, ")"));
   }
+  // The loader reads the shared expert's weights for every MoE layer.
   KLS_RETURN_IF_ERROR(
-      GetInt(root, "", "num_shared_experts", 0, kMaxExperts, &c->num_shared_experts));
+      GetInt(root, "", "num_shared_experts", 1, kMaxExperts, &c->num_shared_experts));
   KLS_RETURN_IF_ERROR(
       GetInt(root, "", "moe_intermediate_size", 1, kMaxDim, &c->moe_intermediate_size));
   KLS_RETURN_IF_ERROR(GetFixedString(root, "moe_router_activation_func", "sigmoid",

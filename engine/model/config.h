@@ -39,7 +39,7 @@ struct ModelConfig {
   double rms_norm_eps = 0;
   double rope_theta = 0;  // unused (NoPE)
   int64_t model_max_length = 0;
-  bool tie_word_embeddings = false;
+  bool tie_word_embeddings = false;  // must be false: lm_head.weight is a separate tensor
   int64_t bos_token_id = 0;
   int64_t eos_token_id = 0;
   int64_t pad_token_id = 0;
@@ -52,7 +52,7 @@ struct ModelConfig {
   LinearAttnConfig linear_attn_config;
   int num_experts = 0;
   int num_experts_per_token = 0;
-  int num_shared_experts = 0;
+  int num_shared_experts = 0;  // >= 1; the shared expert is num_shared_experts × moe width
   int moe_intermediate_size = 0;
   std::string moe_router_activation_func;  // must be "sigmoid"
   bool moe_renormalize = false;
@@ -78,7 +78,12 @@ struct ModelConfig {
 // Parses and validates config.json text. Errors are INVALID_ARGUMENT and name the key:
 // a missing key, a wrong JSON type, an out-of-range value, layer lists that are not a
 // partition of 1..num_hidden_layers, an unsupported model_type or an unsupported feature
-// (q_lora_rank not null, gate_lower_bound, MTP layers, grouped routing, non-sigmoid router).
+// (tied word embeddings, q_lora_rank not null, gate_lower_bound, MTP layers, grouped routing,
+// non-sigmoid router). Dimensions that size per-session state have caps far above the released
+// model, named in the error: hidden_size <= 65536, num_attention_heads, num_key_value_heads and
+// linear_attn_config.num_heads <= 1024, linear_attn_config.head_dim <= 1024, kv_lora_rank,
+// qk_nope_head_dim, qk_rope_head_dim and v_head_dim <= 4096. Safe on hostile input: error
+// messages never serialize nested JSON values.
 absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text);
 
 // Reads and parses `<model_dir>/config.json`. NOT_FOUND names the file when it is missing.

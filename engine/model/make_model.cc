@@ -9,6 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "common/file_util.h"
 #include "common/hash.h"
+#include "common/splitmix64.h"
 #include "common/status_macros.h"
 #include "engine/model/weights.h"
 #include "engine/tokenizer/vocab_files.h"
@@ -18,6 +19,7 @@ namespace kls::engine {
 namespace {
 
 constexpr int64_t kByteVocab = 256;
+constexpr int64_t kMaxWeightBytes = int64_t{8} << 30;
 constexpr int64_t kSpecialSlots = 256;
 
 ModelConfig BaseConfig() {
@@ -65,12 +67,7 @@ void SetByteVocab(ModelConfig* c) {
 // splitmix64: a tiny, well-mixed generator; each tensor gets its own stream.
 struct Rng {
   uint64_t s;
-  uint64_t Next() {
-    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
+  uint64_t Next() { return SplitMix64Mix(s += kGoldenGamma); }
   double Uniform() { return (Next() >> 11) * (1.0 / 9007199254740992.0); }  // [0, 1)
   double Normal() {
     const double u1 = 1.0 - Uniform(), u2 = Uniform();
@@ -232,6 +229,19 @@ absl::Status MakeModel(const ModelConfig& config, const MakeModelOptions& option
   ModelWeights shapes;
   shapes.config = config;
   std::vector<WeightBinding> bindings = BindWeights(&shapes);
+  // The encoded weights are held in memory until written; refuse sizes this machine class
+  // cannot hold rather than abort half way.
+  int64_t total_bytes = 0;
+  for (const WeightBinding& b : bindings) {
+    int64_t n = b.keep_fp32 ? 4 : static_cast<int64_t>(DTypeSize(options.dtype));
+    for (int64_t d : b.shape) n *= d;
+    total_bytes += n;
+  }
+  if (total_bytes > kMaxWeightBytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "make-model: the weights would take ", total_bytes >> 30, " GiB; at most ",
+        kMaxWeightBytes >> 30, " GiB are written (use --config-only for large presets)"));
+  }
   // Encode every tensor, then split into shards of at most max_shard_bytes (a tensor never
   // straddles shards).
   std::vector<std::string> blobs;

@@ -38,6 +38,8 @@ struct MakeModelOptions {
 // tiktoken.model and tokenizer_config.json into options.out_dir (created if missing). The
 // weights are a pure function of (config, seed). The tokenizer is byte-level with the Kimi
 // special tokens; its size must fit config.vocab_size (INVALID_ARGUMENT otherwise).
+// RESOURCE_EXHAUSTED when the weights would exceed 8 GiB (kimi-linear-48b: 98 GiB in bf16), since
+// they are built in memory; write such presets with with_weights = false.
 absl::Status MakeModel(const ModelConfig& config, const MakeModelOptions& options);
 
 }  // namespace kls::engine

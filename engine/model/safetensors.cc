@@ -1,12 +1,7 @@
 #include "engine/model/safetensors.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <atomic>
 #include <bit>
-#include <cerrno>
 #include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -18,7 +13,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
+#include "common/file_util.h"
 #include "common/status_macros.h"
+#include "common/utf8.h"
 
 namespace kls::engine {
 namespace {
@@ -50,6 +47,16 @@ std::string ShapeString(std::span<const int64_t> shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
+// One element of an untrusted JSON array for an error message: an integer as its value, anything
+// else by its type name. Never dump(): it recurses once per nesting level, so a deeply nested
+// header would overflow the stack.
+std::string DescribeElement(const json& v) {
+  if (v.is_number_unsigned()) return absl::StrCat(v.get<uint64_t>());
+  if (v.is_number_integer()) return absl::StrCat(v.get<int64_t>());
+  if (v.is_number_float()) return absl::StrCat(v.get<double>());
+  return v.type_name();
+}
+
 // A non-negative JSON integer that fits int64 (nlohmann stores positive literals as unsigned).
 bool JsonToNonNegative(const json& v, int64_t* out) {
   if (v.is_number_unsigned()) {
@@ -75,38 +82,6 @@ bool ByteSize(DType dtype, std::span<const int64_t> shape, uint64_t* out) {
   return true;
 }
 
-bool IsValidUtf8(std::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    size_t len;
-    uint32_t cp;
-    if (c < 0x80) {
-      ++i;
-      continue;
-    } else if ((c & 0xE0) == 0xC0) {
-      len = 2, cp = c & 0x1F;
-    } else if ((c & 0xF0) == 0xE0) {
-      len = 3, cp = c & 0x0F;
-    } else if ((c & 0xF8) == 0xF0) {
-      len = 4, cp = c & 0x07;
-    } else {
-      return false;
-    }
-    if (i + len > s.size()) return false;
-    for (size_t k = 1; k < len; ++k) {
-      const auto cc = static_cast<unsigned char>(s[i + k]);
-      if ((cc & 0xC0) != 0x80) return false;
-      cp = (cp << 6) | (cc & 0x3F);
-    }
-    // Overlong forms, surrogates and code points past U+10FFFF.
-    static constexpr uint32_t kMinForLen[5] = {0, 0, 0x80, 0x800, 0x10000};
-    if (cp < kMinForLen[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
-    i += len;
-  }
-  return true;
-}
-
 template <typename Convert>
 void ConvertElements(const uint8_t* src, size_t n, float* out, Convert convert) {
   for (size_t i = 0; i < n; ++i) {
@@ -129,20 +104,6 @@ bool ShapesMatch(std::span<const int64_t> actual, std::span<const int64_t> expec
 bool IsPlainFileName(std::string_view name) {
   return !name.empty() && name != "." && name != ".." &&
          name.find_first_of(std::string_view("/\\\0", 3)) == std::string_view::npos;
-}
-
-absl::Status WriteAll(int fd, const void* data, size_t size) {
-  const auto* p = static_cast<const uint8_t*>(data);
-  while (size > 0) {
-    const ssize_t n = ::write(fd, p, size);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return absl::InternalError(std::strerror(errno));
-    }
-    p += n;
-    size -= static_cast<size_t>(n);
-  }
-  return absl::OkStatus();
 }
 
 }  // namespace
@@ -330,9 +291,9 @@ absl::Status SafetensorsFile::Parse() {
         return TensorError(path, name, "'shape' must be an array of integers");
       }
       if (!JsonToNonNegative(d, &dim)) {
-        return TensorError(
-            path, name,
-            absl::StrCat("'shape' has an invalid dimension ", d.dump(), " (dims must be >= 0)"));
+        return TensorError(path, name,
+                           absl::StrCat("'shape' has an invalid dimension ", DescribeElement(d),
+                                        " (dims must be >= 0)"));
       }
       view.shape.push_back(dim);
     }
@@ -340,8 +301,9 @@ absl::Status SafetensorsFile::Parse() {
     if (!JsonToNonNegative((*offsets_it)[0], &begin) ||
         !JsonToNonNegative((*offsets_it)[1], &end)) {
       return TensorError(path, name,
-                         absl::StrCat("'data_offsets' must be two non-negative integers, got ",
-                                      offsets_it->dump()));
+                         absl::StrCat("'data_offsets' must be two non-negative integers, got [",
+                                      DescribeElement((*offsets_it)[0]), ", ",
+                                      DescribeElement((*offsets_it)[1]), "]"));
     }
     const auto b = static_cast<uint64_t>(begin);
     const auto e = static_cast<uint64_t>(end);
@@ -518,7 +480,7 @@ absl::Status WriteSafetensors(const std::string& path, std::span<const TensorToW
   json header = json::object();
   uint64_t offset = 0;
   for (const TensorToWrite& t : tensors) {
-    if (t.name.empty() || t.name == kMetadataKey || !IsValidUtf8(t.name)) {
+    if (t.name.empty() || t.name == kMetadataKey || !kls::IsValidUtf8(t.name)) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": invalid tensor name '", t.name, "'"));
     }
     if (header.contains(t.name)) {
@@ -544,7 +506,7 @@ absl::Status WriteSafetensors(const std::string& path, std::span<const TensorToW
   }
   if (!metadata.empty()) {
     for (const auto& [key, value] : metadata) {
-      if (!IsValidUtf8(key) || !IsValidUtf8(value)) {
+      if (!kls::IsValidUtf8(key) || !kls::IsValidUtf8(value)) {
         return absl::InvalidArgumentError(
             absl::StrCat(path, ": metadata entry '", key, "' is not valid UTF-8"));
       }
@@ -557,28 +519,12 @@ absl::Status WriteSafetensors(const std::string& path, std::span<const TensorToW
   const uint64_t header_len = prefix.size() - 8;
   for (int i = 0; i < 8; ++i) prefix[i] = static_cast<char>(header_len >> (8 * i));
 
-  // Streamed through a temporary file (not WriteStringToFile) so multi-GB tensors are not
-  // copied into one string.
-  static std::atomic<uint64_t> counter{0};
-  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid(), ".", counter.fetch_add(1));
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0)
-    return absl::InternalError(absl::StrCat("cannot create ", tmp, ": ", std::strerror(errno)));
-  absl::Status status = WriteAll(fd, prefix.data(), prefix.size());
-  for (const TensorToWrite& t : tensors) {
-    if (!status.ok()) break;
-    status = WriteAll(fd, t.bytes.data(), t.bytes.size());
-  }
-  if (status.ok() && ::fsync(fd) != 0) status = absl::InternalError(std::strerror(errno));
-  if (::close(fd) != 0 && status.ok()) status = absl::InternalError(std::strerror(errno));
-  if (status.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) {
-    status = absl::InternalError(std::strerror(errno));
-  }
-  if (!status.ok()) {
-    ::unlink(tmp.c_str());
-    return absl::Status(status.code(), absl::StrCat("cannot write ", path, ": ", status.message()));
-  }
-  return absl::OkStatus();
+  // Streamed tensor by tensor (not WriteStringToFile) so multi-GB tensors are not copied into one
+  // string. An error leaves `path` untouched; the writer removes its temporary file.
+  KLS_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer, AtomicFileWriter::Create(path));
+  KLS_RETURN_IF_ERROR(writer->Append(prefix));
+  for (const TensorToWrite& t : tensors) KLS_RETURN_IF_ERROR(writer->Append(t.bytes));
+  return writer->Commit();
 }
 
 }  // namespace kls::engine

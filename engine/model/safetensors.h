@@ -125,10 +125,11 @@ struct TensorToWrite {
 };
 
 // Writes a safetensors file: header padded with spaces to a multiple of 8, tensors packed in the
-// given order, `metadata` under "__metadata__" (omitted when empty). Written to a temporary file
-// that is renamed over `path`, so readers never see a partial file. INVALID_ARGUMENT if a byte
-// size does not match dtype × shape, a dim is negative, or a name is empty, repeated,
-// "__metadata__" or not valid UTF-8; I/O errors name the path.
+// given order, `metadata` under "__metadata__" (omitted when empty). Written through an
+// AtomicFileWriter, so readers never see a partial file and a failed write leaves `path` as it was.
+// INVALID_ARGUMENT if a byte size does not match dtype × shape, a dim is negative, or a name is
+// empty, repeated, "__metadata__" or not valid UTF-8; I/O errors (those of AtomicFileWriter) name
+// the path.
 absl::Status WriteSafetensors(const std::string& path, std::span<const TensorToWrite> tensors,
                               const std::map<std::string, std::string>& metadata = {});
 

@@ -1,9 +1,12 @@
 #include "engine/model/weights.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
 #include "engine/model/fingerprint.h"
@@ -31,6 +34,22 @@ void BindSwiGlu(const std::string& prefix, const char* gate, const char* up, con
                   ShapeMatch::kExact,
                   false,
                   &w->down});
+}
+
+int64_t NumElements(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+int64_t PhysicalMemoryBytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES);
+  const long page_size = ::sysconf(_SC_PAGESIZE);
+  return pages > 0 && page_size > 0 ? static_cast<int64_t>(pages) * page_size : 0;
 }
 
 }  // namespace
@@ -189,11 +208,32 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const std::string
   KLS_ASSIGN_OR_RETURN(weights->config, LoadModelConfig(model_dir));
   KLS_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint, Checkpoint::Open(model_dir));
   std::vector<WeightBinding> bindings = BindWeights(weights.get());
+
+  // Check every tensor's presence and size before allocating anything, then the total against
+  // this machine's memory, so a bad or too-large checkpoint fails cleanly instead of aborting.
+  int64_t total_bytes = 0;
+  for (const WeightBinding& b : bindings) {
+    const TensorView* t = checkpoint->Find(b.name);
+    if (t == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(model_dir, ": missing tensor '", b.name, "'"));
+    }
+    if (t->num_elements() != NumElements(b.shape)) {
+      return absl::InvalidArgumentError(absl::StrCat(model_dir, ": tensor '", b.name,
+                                                     "' has shape ", ShapeString(t->shape),
+                                                     ", expected ", ShapeString(b.shape)));
+    }
+    total_bytes += NumElements(b.shape) * static_cast<int64_t>(sizeof(float));
+  }
+  const int64_t memory = PhysicalMemoryBytes();
+  if (memory > 0 && total_bytes > memory / 10 * 9) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(model_dir, ": the CPU backend holds weights in fp32 and this model needs ",
+                     total_bytes >> 20, " MiB; this machine has ", memory >> 20, " MiB"));
+  }
+
   std::set<std::string> bound;
   for (const WeightBinding& b : bindings) {
-    int64_t n = 1;
-    for (int64_t s : b.shape) n *= s;
-    b.dest->resize(static_cast<size_t>(n));
+    b.dest->resize(static_cast<size_t>(NumElements(b.shape)));
     absl::Status s = checkpoint->ReadFloat(b.name, b.shape, b.dest->data(), b.match);
     if (!s.ok()) {
       return absl::Status(s.code(), absl::StrCat(model_dir, ": ", s.message()));

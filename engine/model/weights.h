@@ -95,8 +95,10 @@ struct WeightBinding {
 std::vector<WeightBinding> BindWeights(ModelWeights* weights);
 
 // Loads config.json and every tensor of the checkpoint in `model_dir` (single file or sharded),
-// converting bf16/fp16/fp32 to fp32. Errors name the file and tensor: a missing tensor, a shape
-// that does not match the config, a malformed file. Extra tensors are ignored (with a log line).
+// converting bf16/fp16/fp32 to fp32. Errors name the file and tensor: INVALID_ARGUMENT for a
+// missing tensor, a shape that does not match the config or a malformed file (all checked before
+// any allocation); RESOURCE_EXHAUSTED when the fp32 weights would not fit in this machine's
+// memory. Extra tensors are ignored (with a log line).
 absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const std::string& model_dir);
 
 }  // namespace kls::engine

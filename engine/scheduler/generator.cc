@@ -13,16 +13,27 @@ double SecondsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+bool HasFiniteMaximum(std::span<const float> logits) {
+  bool any_finite = false;
+  for (float x : logits) {
+    if (std::isnan(x)) return false;
+    any_finite |= std::isfinite(x);
+  }
+  return any_finite;
+}
+
 }  // namespace
 
 absl::StatusOr<LoadedModel> LoadModel(const std::string& model_dir) {
   LoadedModel model;
   KLS_ASSIGN_OR_RETURN(std::unique_ptr<ModelWeights> weights, LoadModelWeights(model_dir));
   KLS_ASSIGN_OR_RETURN(model.tokenizer, Tokenizer::Load(model_dir));
-  if (model.tokenizer->vocab_size() > weights->config.vocab_size) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(model_dir, ": the tokenizer has ", model.tokenizer->vocab_size(),
-                     " ids but config.json vocab_size is ", weights->config.vocab_size));
+  // Every id the model can sample must decode, and every id the tokenizer makes must embed.
+  if (model.tokenizer->vocab_size() != weights->config.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        model_dir, ": the tokenizer has ", model.tokenizer->vocab_size(),
+        " ids (tiktoken.model ranks + 256 special slots) but config.json vocab_size is ",
+        weights->config.vocab_size));
   }
   model.weights = std::move(weights);
   return model;
@@ -75,11 +86,14 @@ absl::StatusOr<GenerateResult> Generate(Backend& backend, SessionState* state,
           "prompt token id ", id, " is outside the vocabulary [0, ", config.vocab_size, ")"));
     }
   }
+  // The sampled token takes a position too (it is fed at the next turn), so the prompt must
+  // leave at least one.
   const int64_t context = state->num_tokens() + static_cast<int64_t>(prompt.size());
-  if (context > config.model_max_length) {
+  if (context >= config.model_max_length) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "prompt of ", prompt.size(), " tokens (", context, " with the session's history) exceeds ",
-        "the context limit of ", config.model_max_length, " tokens"));
+        "prompt of ", prompt.size(), " tokens (", context, " with the session's history) ",
+        "leaves no room for a generated token within the context limit of ",
+        config.model_max_length, " tokens"));
   }
 
   GenerateResult result;
@@ -97,6 +111,11 @@ absl::StatusOr<GenerateResult> Generate(Backend& backend, SessionState* state,
   const auto t1 = std::chrono::steady_clock::now();
   while (true) {
     if (options.observe_logits) options.observe_logits(logits);
+    // A NaN or all -inf row means the forward pass broke; never turn it into a token.
+    if (!HasFiniteMaximum(logits)) {
+      return absl::InternalError(absl::StrCat("the logits at position ", state->num_tokens(),
+                                              " contain NaN or no finite value"));
+    }
     const int32_t token =
         kernels::SampleReference(logits.data(), config.vocab_size, options.sampler,
                                  static_cast<uint64_t>(state->num_tokens()));

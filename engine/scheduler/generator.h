@@ -25,8 +25,8 @@ struct LoadedModel {
   std::unique_ptr<Tokenizer> tokenizer;
 };
 
-// Loads config, weights and tokenizer. Errors name the file; INVALID_ARGUMENT if the
-// tokenizer has more ids than the config's vocab_size.
+// Loads config, weights and tokenizer. Errors name the file; INVALID_ARGUMENT unless the
+// tokenizer's id count equals the config's vocab_size.
 absl::StatusOr<LoadedModel> LoadModel(const std::string& model_dir);
 
 // INVALID_ARGUMENT naming the field unless temperature is finite and >= 0, top_p in (0, 1] and
@@ -62,7 +62,8 @@ struct GenerateResult {
 // it is drawn; returning false stops the turn (kCancelled). The n-th draw uses sampler counter
 // = the token's position in the session, so the same seed and history give the same tokens.
 // Errors: INVALID_ARGUMENT for bad options, an empty prompt, ids outside the vocabulary or a
-// prompt that does not fit the context limit — all checked before the state changes.
+// prompt that leaves no position for a generated token within the context limit — all checked
+// before the state changes; INTERNAL if the logits hold NaN or no finite value.
 absl::StatusOr<GenerateResult> Generate(Backend& backend, SessionState* state,
                                         std::span<const int32_t> prompt,
                                         const GenerateOptions& options,

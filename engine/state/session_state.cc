@@ -24,11 +24,13 @@ int64_t SessionState::ByteSize() const {
 bool SessionState::MatchesConfig(const ModelConfig& config) const {
   const int64_t h = config.linear_attn_config.num_heads;
   const int64_t k = config.linear_attn_config.head_dim;
+  const int64_t w = config.linear_attn_config.short_conv_kernel_size;
   if (static_cast<int>(kda_.size()) != config.num_kda_layers()) return false;
   if (static_cast<int>(mla_.size()) != config.num_mla_layers()) return false;
   if (mla_cache_dim_ != config.mla_cache_dim()) return false;
   for (const KdaLayerState& s : kda_) {
     if (static_cast<int64_t>(s.recurrent.size()) != h * k * k) return false;
+    if (static_cast<int64_t>(s.conv.size()) != 3 * (w - 1) * h * k) return false;
   }
   for (const MlaLayerState& s : mla_) {
     if (static_cast<int64_t>(s.latent.size()) != num_tokens_ * mla_cache_dim_) return false;

@@ -39,7 +39,8 @@ class SessionState {
   // Bytes of state held (KDA + conv + MLA cache).
   int64_t ByteSize() const;
 
-  // True when this state was made for a model of that shape.
+  // True when every buffer has the size that model's shapes need (KDA state, conv window, and
+  // an MLA cache of num_tokens rows), so kernels may index them without further checks.
   bool MatchesConfig(const ModelConfig& config) const;
 
  private:

@@ -1,6 +1,7 @@
 #include "engine/tokenizer/chat_format.h"
 
 #include <optional>
+#include <string_view>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"

@@ -5,7 +5,6 @@
 #include <cstdint>
 #include <span>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -19,9 +18,9 @@ struct ChatMessage {
   std::string name;  // tool name for role "tool"; empty means "tool"
 };
 
-// The K2 templates' system prompt when the conversation has none. RenderChat never inserts it.
-inline constexpr std::string_view kDefaultSystemPrompt =
-    "You are Kimi, an AI assistant created by Moonshot AI.";
+// K2-family chat templates insert a default system prompt when the conversation has none, but the
+// exact Kimi-Linear chat_template.jinja is unverified (KIMI_LINEAR.md §11). So RenderChat renders
+// exactly the given messages, and callers add a system message when they want one.
 
 // Renders `messages` as
 //   system:    <|im_system|>system<|im_middle|>{content}<|im_end|>

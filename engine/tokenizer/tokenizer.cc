@@ -18,6 +18,7 @@
 #include "common/file_util.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
+#include "common/utf8.h"
 #include "nlohmann/json.hpp"
 
 namespace kls::engine {
@@ -71,6 +72,10 @@ constexpr size_t kHeapBpeMinBytes = 256;
 
 constexpr uint32_t kNoRank = std::numeric_limits<uint32_t>::max();
 constexpr std::string_view kReplacementChar = "\xEF\xBF\xBD";  // U+FFFD
+
+// tokenization_kimi.py reserves 258 special ids after the ranks; the model's embedding holds the
+// first kNumSpecialTokenSlots of them.
+constexpr int64_t kNumReferenceSpecialTokenIds = kNumSpecialTokenSlots + 2;
 
 absl::string_view AsAbsl(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 
@@ -136,70 +141,6 @@ bool Base64DecodeAppend(std::string_view in, std::string* out) {
 // ---------------------------------------------------------------------------------------------
 // UTF-8.
 
-// Length of the well-formed UTF-8 sequence starting at s[i] (Unicode Table 3-7), or 0 if there is
-// none. Then *valid_prefix is the length of the maximal subpart (the bytes that could still start
-// a character, at least 1) and *truncated says whether the end of s cut it off.
-size_t Utf8SequenceLength(std::string_view s, size_t i, bool* truncated, size_t* valid_prefix) {
-  const unsigned char b = static_cast<unsigned char>(s[i]);
-  *truncated = false;
-  *valid_prefix = 1;
-  if (b < 0x80) return 1;
-  int need;
-  unsigned char lo = 0x80, hi = 0xBF;
-  if (b >= 0xC2 && b <= 0xDF) {
-    need = 1;
-  } else if (b == 0xE0) {
-    need = 2;
-    lo = 0xA0;
-  } else if ((b >= 0xE1 && b <= 0xEC) || b == 0xEE || b == 0xEF) {
-    need = 2;
-  } else if (b == 0xED) {
-    need = 2;
-    hi = 0x9F;  // no surrogates
-  } else if (b == 0xF0) {
-    need = 3;
-    lo = 0x90;
-  } else if (b >= 0xF1 && b <= 0xF3) {
-    need = 3;
-  } else if (b == 0xF4) {
-    need = 3;
-    hi = 0x8F;  // <= U+10FFFF
-  } else {
-    return 0;  // continuation byte, overlong lead C0/C1, or F5..FF
-  }
-  size_t j = i + 1;
-  for (int got = 0; got < need; ++got, ++j) {
-    if (j >= s.size()) {
-      *truncated = true;
-      *valid_prefix = j - i;
-      return 0;
-    }
-    const unsigned char c = static_cast<unsigned char>(s[j]);
-    if (c < (got == 0 ? lo : 0x80) || c > (got == 0 ? hi : 0xBF)) {
-      *valid_prefix = j - i;
-      return 0;
-    }
-  }
-  return static_cast<size_t>(need) + 1;
-}
-
-// Byte offset of the first ill-formed sequence, or npos if `s` is valid UTF-8.
-size_t FindInvalidUtf8(std::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    if (static_cast<unsigned char>(s[i]) < 0x80) {
-      ++i;
-      continue;
-    }
-    bool truncated;
-    size_t prefix;
-    const size_t len = Utf8SequenceLength(s, i, &truncated, &prefix);
-    if (len == 0) return i;
-    i += len;
-  }
-  return std::string_view::npos;
-}
-
 // Appends `s` decoded with U+FFFD for each maximal ill-formed subpart (Unicode §3.9, as Python's
 // "replace"). Unless `final`, a valid but truncated trailing sequence is not consumed. Returns the
 // number of bytes consumed.
@@ -210,17 +151,15 @@ size_t AppendUtf8WithReplacement(std::string_view s, bool final, std::string* ou
     while (i < s.size() && static_cast<unsigned char>(s[i]) < 0x80) ++i;
     out->append(s.data() + run_start, i - run_start);
     if (i == s.size()) break;
-    bool truncated;
-    size_t prefix;
-    const size_t len = Utf8SequenceLength(s, i, &truncated, &prefix);
-    if (len > 0) {
-      out->append(s.data() + i, len);
-      i += len;
-    } else if (truncated && !final) {
+    const Utf8Sequence seq = ScanUtf8Sequence(s, i);
+    if (seq.length > 0) {
+      out->append(s.data() + i, seq.length);
+      i += seq.length;
+    } else if (seq.truncated && !final) {
       return i;
     } else {
       out->append(kReplacementChar);
-      i += prefix;
+      i += seq.maximal_subpart;
     }
   }
   return s.size();
@@ -567,11 +506,21 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Build(std::string_view tik
         return absl::InvalidArgumentError(absl::StrCat(cfg_file, ": added_tokens_decoder key '",
                                                        Excerpt(key), "' is not a token id"));
       }
-      if (id < n || id >= n + kNumSpecialTokenSlots) {
+      if (id < n) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(cfg_file, ": added_tokens_decoder id ", id, " is below ", n,
+                         ", the first special-token id: it would shadow mergeable rank ", id,
+                         " of ", AsAbsl(model_name)));
+      }
+      if (id >= n + kNumSpecialTokenSlots) {
+        // The reference tokenizer builds kNumReferenceSpecialTokenIds slots, so a released config
+        // may name the last two; they are outside the embedding (vocab_size) and never produced.
+        if (id < n + kNumReferenceSpecialTokenIds) continue;
         return absl::InvalidArgumentError(absl::StrCat(
-            cfg_file, ": added_tokens_decoder id ", id, " is outside the special-token slots [", n,
-            ", ", n + kNumSpecialTokenSlots, ") that follow the ", n, " ranks of ",
-            AsAbsl(model_name)));
+            cfg_file, ": added_tokens_decoder id ", id, " is past the ",
+            kNumReferenceSpecialTokenIds, " special-token ids [", n, ", ",
+            n + kNumReferenceSpecialTokenIds, ") of the reference tokenizer, after the ", n,
+            " ranks of ", AsAbsl(model_name), " (is tiktoken.model from another model?)"));
       }
       const nlohmann::json* content = nullptr;
       if (value.is_object()) {
@@ -759,7 +708,7 @@ absl::Status Tokenizer::EncodeSegment(std::string_view segment, std::vector<int3
 }
 
 absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text) const {
-  if (const size_t bad = FindInvalidUtf8(text); bad != std::string_view::npos) {
+  if (size_t bad = 0; !IsValidUtf8(text, &bad)) {
     return absl::InvalidArgumentError(absl::StrCat("text is not valid UTF-8 (byte offset ", bad,
                                                    ": '", Excerpt(text.substr(bad, 4)), "')"));
   }

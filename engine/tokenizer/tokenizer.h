@@ -45,7 +45,9 @@ class Tokenizer {
   // `added_tokens_decoder` ({"<id>": {"content": "<name>", ...}}) names ids in
   // [n, n + 256) (unnamed slots are `<|reserved_token_<id>|>`), and whose optional `bos_token` /
   // `eos_token` (string or {"content": ...}; default "[BOS]" / "[EOS]") name special tokens.
-  // INVALID_ARGUMENT otherwise.
+  // Entries for ids n + 256 and n + 257 (the reference tokenizer reserves 258 ids; these two are
+  // outside the embedding) are ignored. INVALID_ARGUMENT otherwise, including for a key that is not
+  // a decimal id, an id below n (it would shadow a mergeable token) or an id >= n + 258.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromContents(
       std::string_view tiktoken_model, std::string_view tokenizer_config_json);
 

@@ -21,17 +21,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/splitmix64.h"
+
 namespace kls::kernels {
 namespace {
-
-constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
-
-// splitmix64's output function (Steele, Lea, Flood 2014).
-uint64_t Mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 // Lowest id among the largest finite logits; 0 when none is finite.
 int32_t ArgmaxFinite(const float* logits, int64_t vocab_size) {
@@ -58,8 +51,8 @@ struct Scratch {
 double SamplerUniform(uint64_t seed, uint64_t counter) {
   // The counter-th output of a splitmix64 stream whose state starts at the first splitmix64
   // output of `seed`; the top 53 bits become a double in [0, 1).
-  const uint64_t stream = Mix64(seed + kGolden);
-  const uint64_t bits = Mix64(stream + (counter + 1) * kGolden);
+  const uint64_t stream = SplitMix64Mix(seed + kGoldenGamma);
+  const uint64_t bits = SplitMix64Mix(stream + (counter + 1) * kGoldenGamma);
   return static_cast<double>(bits >> 11) * 0x1.0p-53;
 }
 

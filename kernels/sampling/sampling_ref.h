@@ -14,8 +14,8 @@ struct SamplerConfig {
   uint64_t seed = 0;
 };
 
-// Uniform double in [0, 1) from (seed, counter): a pure function (splitmix64 mixing), so the
-// n-th draw of a sequence does not depend on batching or on earlier draws.
+// Uniform double in [0, 1) from (seed, counter): a pure function (splitmix64 mixing), so a draw
+// depends only on (seed, counter), not on batching, other sequences or earlier draws.
 double SamplerUniform(uint64_t seed, uint64_t counter);
 
 // Draws one token from logits [vocab_size] (fp32). Procedure: greedy if temperature == 0;
@@ -23,8 +23,10 @@ double SamplerUniform(uint64_t seed, uint64_t counter);
 // (ties by lower id); keep the smallest prefix of those, in descending probability, whose
 // mass reaches top_p (at least one token); renormalize; invert the CDF at
 // SamplerUniform(seed, counter). Non-finite logits are treated as -inf; if every logit is
-// -inf the result is the lowest id. `counter` is the number of tokens this sequence has
-// drawn before (the caller increments it).
+// -inf the result is the lowest id. `counter` is any per-draw counter the caller chooses; it
+// must be distinct for each draw of a sequence (equal (seed, counter) gives the same u). The
+// engine passes the position of the token being drawn in its session, so draws survive
+// resume and fork and do not depend on batching.
 int32_t SampleReference(const float* logits, int64_t vocab_size, const SamplerConfig& config,
                         uint64_t counter);
 

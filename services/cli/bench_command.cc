@@ -35,6 +35,13 @@ int RunCpuDecode(const BenchFlags& flags) {
     return 1;
   }
   const engine::ModelConfig& config = model->weights->config;
+  if (int64_t{flags.prompt_tokens} + flags.decode_tokens >= config.model_max_length) {
+    std::fprintf(stderr,
+                 "kls bench: --prompt-tokens + --decode-tokens must stay below the "
+                 "context limit of %lld tokens\n",
+                 static_cast<long long>(config.model_max_length));
+    return 2;
+  }
   // A fixed pseudo-random prompt of ordinary (non-special) tokens.
   std::vector<int32_t> prompt(flags.prompt_tokens);
   uint64_t x = 0x9E3779B97F4A7C15ull;

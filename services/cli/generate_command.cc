@@ -182,9 +182,11 @@ std::function<int()> AddGenerateCommand(CLI::App& app) {
   auto* ids = cmd->add_option("--prompt-ids", flags->prompt_ids, "Prompt as token ids \"ID ID …\"");
   auto* interactive = cmd->add_flag("--interactive", flags->interactive,
                                     "Multi-turn chat on one session, one user message per line");
+  auto* chat = cmd->add_flag("--chat", flags->chat,
+                             "Render the prompt as one user message of the chat format");
   prompt->excludes(ids);
   interactive->excludes(prompt)->excludes(ids);
-  cmd->add_flag("--chat", flags->chat, "Render the prompt as one user message of the chat format");
+  chat->excludes(ids);
   cmd->add_option("--system", flags->system, "System message (with --chat or --interactive)");
   cmd->add_option("--max-tokens", flags->max_tokens, "Most tokens to generate")
       ->check(CLI::PositiveNumber);
@@ -201,6 +203,10 @@ std::function<int()> AddGenerateCommand(CLI::App& app) {
   return [flags]() -> int {
     if (!flags->interactive && flags->prompt.empty() && flags->prompt_ids.empty()) {
       std::fprintf(stderr, "kls generate: give --prompt, --prompt-ids or --interactive\n");
+      return 2;
+    }
+    if (!flags->system.empty() && !flags->chat && !flags->interactive) {
+      std::fprintf(stderr, "kls generate: --system needs --chat or --interactive\n");
       return 2;
     }
     if (absl::Status s = engine::ValidateSamplerConfig(

@@ -30,7 +30,7 @@ std::function<int()> AddMakeModelCommand(CLI::App& app) {
                 "Write config and tokenizer only (no weights)");
   cmd->add_option("--shard-mb", flags->shard_mb,
                   "Split weights into shards of at most this many MiB (0: one file)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
   return [flags]() -> int {
     absl::StatusOr<engine::ModelConfig> config = engine::PresetConfig(flags->preset);
     if (!config.ok()) {

@@ -62,6 +62,11 @@ expect_error "bad temperature" 2 "temperature" -- "$kls" generate --model "$mode
 expect_error "bad top-p" 2 "top_p" -- "$kls" generate --model "$model" --prompt hi --top-p 0
 long=$(head -c 70000 /dev/zero | tr '\0' 'a')
 expect_error "prompt too long" 2 "context limit" -- "$kls" generate --model "$model" --prompt "$long"
+expect_error "system without chat" 2 "--system needs" -- "$kls" generate --model "$model" --prompt hi --system be-brief
+expect_error "chat with ids" 2 "excludes" -- "$kls" generate --model "$model" --prompt-ids "1 2" --chat
+expect_error "48b weights" 1 "config-only" -- "$kls" make-model --preset kimi-linear-48b --out "$work/big"
+"$kls" make-model --preset kimi-linear-48b --out "$work/big" --config-only 2>/dev/null && [ -s "$work/big/config.json" ] \
+  && pass || fail "make-model --config-only of the 48b preset"
 cp -r "$model" "$work/notok" && rm "$work/notok/tokenizer_config.json"
 expect_error "missing tokenizer" 1 "tokenizer_config.json" -- "$kls" generate --model "$work/notok" --prompt hi
 cp -r "$model" "$work/trunc" && truncate -s 1000 "$work/trunc/model.safetensors"

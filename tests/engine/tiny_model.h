@@ -4,8 +4,10 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "engine/model/make_model.h"
 #include "engine/scheduler/generator.h"
@@ -13,11 +15,30 @@
 
 namespace kls::testing {
 
+// Temp dirs made for models, removed when the test binary exits.
+inline std::vector<std::string>& ModelDirsToRemove() {
+  static auto* dirs = [] {
+    auto* d = new std::vector<std::string>();
+    std::atexit([] {
+      for (const std::string& dir : ModelDirsToRemove()) RemoveTree(dir);
+    });
+    return d;
+  }();
+  return *dirs;
+}
+
+// A fresh temp dir, removed when the test binary exits.
+inline std::string ScratchDir() {
+  std::string dir = MakeTempDir();
+  ModelDirsToRemove().push_back(dir);
+  return dir;
+}
+
 // Writes the preset (f32 weights unless told otherwise) to a fresh temp dir; returns the dir.
 inline std::string WriteModel(const std::string& preset, uint64_t seed,
                               engine::DType dtype = engine::DType::kF32,
                               int64_t max_shard_bytes = 0) {
-  const std::string dir = MakeTempDir() + "/" + preset;
+  const std::string dir = ScratchDir() + "/" + preset;
   absl::StatusOr<engine::ModelConfig> config = engine::PresetConfig(preset);
   EXPECT_TRUE(config.ok()) << config.status();
   engine::MakeModelOptions options;

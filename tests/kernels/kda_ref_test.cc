@@ -199,13 +199,17 @@ void ExpectSameResult(const KdaResult<T>& actual, const KdaResult<T>& expected, 
   EXPECT_TRUE(Close(actual.states, expected.states, bound)) << "final state";
 }
 
-// Chunked (C = 64, BC = 16) vs recurrence on a fresh problem.
+// Chunked (C = 64, BC = 16) vs recurrence on a fresh problem: both finite, outputs and final
+// states within the acceptance bound.
 template <typename T>
 void ExpectChunkMatchesRecurrence(const KdaProblem<double>& problem) {
   const KdaProblem<T> p = CastProblem<T>(problem);
   const KdaResult<T> rec = RunKda(p, Algo::kRecurrent);
   const KdaResult<T> chunk = RunKda(p, Algo::kChunk);
-  EXPECT_TRUE(AllFinite(std::span<const T>(rec.out)));
+  EXPECT_TRUE(AllFinite(std::span<const T>(rec.out))) << "recurrent output";
+  EXPECT_TRUE(AllFinite(std::span<const T>(rec.states))) << "recurrent final state";
+  EXPECT_TRUE(AllFinite(std::span<const T>(chunk.out))) << "chunk output";
+  EXPECT_TRUE(AllFinite(std::span<const T>(chunk.states))) << "chunk final state";
   ExpectSameResult(chunk, rec, kChunkTolerance<T>);
 }
 
@@ -296,8 +300,24 @@ struct KdaShape {
   bool fp64;
 };
 
+const char* GateName(GateMode mode) {
+  switch (mode) {
+    case GateMode::kModel:
+      return "modelgate";
+    case GateMode::kMild:
+      return "mildgate";
+    case GateMode::kExtreme:
+      return "extremegate";
+    case GateMode::kZero:
+      return "zerogate";
+    case GateMode::kAlternating:
+      return "altgate";
+  }
+  return "unknowngate";
+}
+
 std::string ShapeString(const KdaShape& s) {
-  const char* gates = s.gates == GateMode::kModel ? "modelgate" : "mildgate";
+  const char* gates = GateName(s.gates);
   return "T" + std::to_string(s.tokens) + "_H" + std::to_string(s.num_heads) + "_K" +
          std::to_string(s.dk) + "_V" + std::to_string(s.dv) + "_" + gates +
          (s.fp64 ? "_fp64" : "_fp32");
@@ -316,6 +336,13 @@ TEST_P(KdaChunkVsRecurrentTest, OutputAndFinalStateMatch) {
   const KdaShape& s = GetParam();
   const KdaProblem<double> problem =
       MakeProblem({s.tokens}, s.num_heads, s.dk, s.dv, s.gates, /*seed=*/1000 + s.tokens);
+  // The gate mode really produced the gates it names (g is [T, H, K]; alternating starts at -400
+  // on channel 0 of token 0).
+  if (s.gates == GateMode::kExtreme || s.gates == GateMode::kAlternating) {
+    ASSERT_NEAR(problem.g[0], -400.0, 1e-9);
+  } else if (s.gates == GateMode::kZero) {
+    ASSERT_EQ(problem.g[0], 0.0);
+  }
   if (s.fp64) {
     ExpectChunkMatchesRecurrence<double>(problem);
   } else {
@@ -323,10 +350,13 @@ TEST_P(KdaChunkVsRecurrentTest, OutputAndFinalStateMatch) {
   }
 }
 
+// Every gate mode at every edge length: extreme, zero and alternating gates must stay finite and
+// within the bound across chunk and sub-chunk boundaries, not only at T = 200.
 std::vector<KdaShape> LengthSweep() {
   std::vector<KdaShape> shapes;
   for (int64_t t : {1, 63, 64, 65, 127, 1000}) {
-    for (GateMode gates : {GateMode::kModel, GateMode::kMild}) {
+    for (GateMode gates : {GateMode::kModel, GateMode::kMild, GateMode::kExtreme, GateMode::kZero,
+                           GateMode::kAlternating}) {
       for (bool fp64 : {false, true}) shapes.push_back({t, 2, 64, 64, gates, fp64});
     }
   }

@@ -185,6 +185,12 @@ TEST(CpuBackendTest, BadInputIsRefusedWithoutSideEffects) {
   std::vector<float> small(3);
   EXPECT_TRUE(absl::IsInvalidArgument(backend->Forward({&ok, 1}, small)));
 
+  ModelConfig wider = config;
+  wider.linear_attn_config.short_conv_kernel_size = 6;
+  SessionState other_conv(wider);  // same KDA state size, longer conv window
+  SequenceInput wrong_conv{one, &other_conv};
+  EXPECT_TRUE(absl::IsInvalidArgument(backend->Forward({&wrong_conv, 1}, logits)));
+
   SessionState foreign;  // not shaped for this model
   SequenceInput wrong_state{one, &foreign};
   EXPECT_TRUE(absl::IsInvalidArgument(backend->Forward({&wrong_state, 1}, logits)));

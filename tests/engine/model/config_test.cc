@@ -5,8 +5,11 @@
 
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/file_util.h"
 #include "tests/test_util.h"
@@ -410,6 +413,9 @@ TEST(ModelConfigTest, OutOfRangeValuesAreNamed) {
       {"num_experts_per_token", 257, "key 'num_experts_per_token' (257) must be <= num_experts"},
       {"num_experts_per_token", 0, "key 'num_experts_per_token'"},
       {"num_shared_experts", -1, "key 'num_shared_experts'"},
+      {"num_shared_experts", 0, "key 'num_shared_experts' must be in [1, "},
+      {"vocab_size", json(10000000000000000000ULL),
+       "key 'vocab_size' is out of range (got 10000000000000000000)"},
       {"first_k_dense_replace", 28, "key 'first_k_dense_replace' must be in [0, 27]"},
       {"first_k_dense_replace", -1, "key 'first_k_dense_replace' must be in [0, 27]"},
       {"moe_layer_freq", 0, "key 'moe_layer_freq' must be in [1, "},
@@ -425,6 +431,59 @@ TEST(ModelConfigTest, OutOfRangeValuesAreNamed) {
     At(j, c.key) = c.value;
     ExpectInvalid(j, c.message);
   }
+}
+
+// Caps on the dimensions that size per-session state (KDA recurrent state H × K × K per layer, MLA
+// latent cache per token) and activations, so a hostile config.json cannot ask for huge buffers.
+TEST(ModelConfigTest, StateSizingDimensionsAreCapped) {
+  struct Case {
+    std::string key;
+    int64_t cap;
+    int64_t lo;
+  };
+  const std::vector<Case> cases = {
+      {"hidden_size", 65536, 1},
+      {"num_attention_heads", 1024, 1},
+      {"num_key_value_heads", 1024, 1},
+      {"kv_lora_rank", 4096, 1},
+      {"qk_nope_head_dim", 4096, 1},
+      {"qk_rope_head_dim", 4096, 0},
+      {"v_head_dim", 4096, 1},
+      {"linear_attn_config.num_heads", 1024, 1},
+      {"linear_attn_config.head_dim", 1024, 1},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.key);
+    json j = Released();
+    At(j, c.key) = c.cap;
+    absl::StatusOr<ModelConfig> at_cap = Parse(j);
+    EXPECT_TRUE(at_cap.ok()) << at_cap.status();
+    At(j, c.key) = c.cap + 1;
+    ExpectInvalid(j, absl::StrCat("key '", c.key, "' must be in [", c.lo, ", ", c.cap, "] (got ",
+                                  c.cap + 1, ")"));
+  }
+  // Every cap at once still fits the engine's int arithmetic.
+  json j = Released();
+  j["hidden_size"] = 65536;
+  j["num_attention_heads"] = 1024;
+  j["kv_lora_rank"] = 4096;
+  j["qk_nope_head_dim"] = 4096;
+  j["qk_rope_head_dim"] = 4096;
+  j["v_head_dim"] = 4096;
+  At(j, "linear_attn_config.num_heads") = 1024;
+  At(j, "linear_attn_config.head_dim") = 1024;
+  absl::StatusOr<ModelConfig> c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->kda_dim(), 1024 * 1024);
+  EXPECT_EQ(c->qk_head_dim(), 8192);
+  EXPECT_EQ(c->mla_cache_dim(), 8192);
+}
+
+TEST(ModelConfigTest, TiedWordEmbeddingsAreRefused) {
+  json j = Released();
+  j["tie_word_embeddings"] = true;
+  ExpectInvalid(j,
+                "tie_word_embeddings: true is not supported (Kimi Linear has a separate lm_head)");
 }
 
 TEST(ModelConfigTest, UnsupportedModelType) {
@@ -469,6 +528,63 @@ TEST(ModelConfigTest, GateLowerBoundIsRefused) {
   j = Released();
   At(j, "linear_attn_config.gate_lower_bound") = nullptr;
   EXPECT_TRUE(Parse(j).ok());
+}
+
+// Error messages describe nested values by type: dump() of attacker-controlled JSON recurses once
+// per nesting level.
+TEST(ModelConfigTest, NestedValuesAreDescribedByType) {
+  json j = Released();
+  j["q_lora_rank"] = json::array({json::array({1})});
+  ExpectInvalid(j, "key 'q_lora_rank' must be null (got array)");
+  j["q_lora_rank"] = {{"a", {{"b", 1}}}};
+  ExpectInvalid(j, "key 'q_lora_rank' must be null (got object)");
+
+  j = Released();
+  At(j, "linear_attn_config.gate_lower_bound") = json::array({json::array({-5.0})});
+  ExpectInvalid(j, "key 'linear_attn_config.gate_lower_bound' (array) is unsupported");
+  At(j, "linear_attn_config.gate_lower_bound") = "low";
+  ExpectInvalid(j, "key 'linear_attn_config.gate_lower_bound' (\"low\") is unsupported");
+  At(j, "linear_attn_config.gate_lower_bound") = std::string(1000, 'x');
+  absl::StatusOr<ModelConfig> c = Parse(j);
+  ASSERT_FALSE(c.ok());
+  EXPECT_LT(c.status().message().size(), 300u) << "a long string is cut in the message";
+}
+
+// `depth` nested arrays around 1, as JSON text (built without nlohmann, whose dump() recurses).
+std::string DeepArray(int depth) {
+  return std::string(static_cast<size_t>(depth), '[') + "1" +
+         std::string(static_cast<size_t>(depth), ']');
+}
+
+// config.json text with `old` (which must occur once) replaced by `replacement`.
+std::string ReleasedWith(std::string_view old, std::string_view replacement) {
+  std::string text(kReleasedConfig);
+  const size_t at = text.find(old);
+  EXPECT_NE(at, std::string::npos) << old;
+  if (at != std::string::npos) text.replace(at, old.size(), replacement);
+  return text;
+}
+
+TEST(ModelConfigTest, DeeplyNestedValuesDoNotOverflowTheStack) {
+  constexpr int kDepth = 1'000'000;
+  const std::string deep = DeepArray(kDepth);
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {ReleasedWith("\"q_lora_rank\": null", "\"q_lora_rank\": " + deep),
+       "key 'q_lora_rank' must be null (got array)"},
+      {ReleasedWith("\"num_heads\": 32,", "\"num_heads\": 32, \"gate_lower_bound\": " + deep + ","),
+       "key 'linear_attn_config.gate_lower_bound' (array) is unsupported"},
+      {ReleasedWith("\"use_cache\": true,", "\"gate_lower_bound\": " + deep + ","),
+       "key 'gate_lower_bound' (array) is unsupported"},
+      {ReleasedWith("\"rms_norm_eps\": 1e-05,", "\"rms_norm_eps\": " + deep + ","),
+       "key 'rms_norm_eps' must be a number"},
+  };
+  for (const auto& [text, message] : cases) {
+    SCOPED_TRACE(message);
+    absl::StatusOr<ModelConfig> c = ParseModelConfig(text);
+    ASSERT_FALSE(c.ok());
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(c.status().message()), HasSubstr(message));
+  }
 }
 
 TEST(ModelConfigTest, LayerListsMustPartitionAllLayers) {

@@ -514,7 +514,19 @@ TEST_F(SafetensorsTest, WrongJsonTypes) {
       {R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": {"b": 0}}})",
        "tensor 'w': 'data_offsets' must be an array of two integers"},
       {R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}})",
-       "tensor 'w': 'data_offsets' must be two non-negative integers"},
+       "tensor 'w': 'data_offsets' must be two non-negative integers, got [string, string]"},
+      {R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [[[0]], 4]}})",
+       "tensor 'w': 'data_offsets' must be two non-negative integers, got [array, 4]"},
+      {R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, {"e": [4]}]}})",
+       "tensor 'w': 'data_offsets' must be two non-negative integers, got [0, object]"},
+      {R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, -4]}})",
+       "tensor 'w': 'data_offsets' must be two non-negative integers, got [0, -4]"},
+      {R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4.5]}})",
+       "tensor 'w': 'data_offsets' must be two non-negative integers, got [0, 4.5]"},
+      {R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 18446744073709551615]}})",
+       "got [0, 18446744073709551615]"},
+      {R"({"w": {"dtype": "F32", "shape": [-9223372036854775808], "data_offsets": [0, 4]}})",
+       "tensor 'w': 'shape' has an invalid dimension -9223372036854775808"},
       {R"({"__metadata__": ["format", "pt"]})", "__metadata__ must be a JSON object"},
       {R"({"__metadata__": {"format": 1}})", "__metadata__ value of 'format' must be a string"},
   };
@@ -523,6 +535,16 @@ TEST_F(SafetensorsTest, WrongJsonTypes) {
     ExpectOpenError(RawFile(c.header, std::string(4, '\0')), absl::StatusCode::kInvalidArgument,
                     c.message);
   }
+}
+
+// Error messages must not dump() attacker-controlled JSON: it recurses once per nesting level.
+TEST_F(SafetensorsTest, DeeplyNestedOffsetsDoNotOverflowTheStack) {
+  constexpr size_t kDepth = 1'000'000;
+  const std::string header =
+      absl::StrCat(R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [)",
+                   std::string(kDepth, '['), "0", std::string(kDepth, ']'), ", 4]}}");
+  ExpectOpenError(RawFile(header, std::string(4, '\0')), absl::StatusCode::kInvalidArgument,
+                  "tensor 'w': 'data_offsets' must be two non-negative integers, got [array, 4]");
 }
 
 TEST_F(SafetensorsTest, RepeatedTensorName) {

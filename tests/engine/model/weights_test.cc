@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <map>
 
 #include "common/file_util.h"
 #include "engine/backend/cpu/cpu_backend.h"
@@ -51,7 +52,7 @@ TEST(WeightsTest, LoadsCheckpointsWrittenInOtherLayouts) {
   ASSERT_TRUE(original.ok()) << original.status();
   std::vector<WeightBinding> bindings = BindWeights(original->get());
 
-  const std::string dst = kls::testing::MakeTempDir() + "/foreign";
+  const std::string dst = kls::testing::ScratchDir() + "/foreign";
   std::filesystem::create_directories(dst);
   for (const char* f : {"config.json", "tiktoken.model", "tokenizer_config.json"}) {
     std::filesystem::copy_file(src + "/" + f, dst + "/" + f);
@@ -165,13 +166,87 @@ TEST(WeightsTest, MissingFilesAndBadConfigAreClearErrors) {
   EXPECT_NE(w.status().message().find("deepseek_v3"), std::string_view::npos) << w.status();
 
   // Weights missing altogether.
-  const std::string empty = kls::testing::MakeTempDir();
+  const std::string empty = kls::testing::ScratchDir();
   std::filesystem::copy_file(dir + "/tokenizer_config.json", empty + "/tokenizer_config.json");
   config["model_type"] = "kimi_linear";
   ASSERT_TRUE(WriteStringToFile(empty + "/config.json", config.dump()).ok());
   w = LoadModelWeights(empty);
   ASSERT_FALSE(w.ok());
   EXPECT_TRUE(absl::IsNotFound(w.status())) << w.status();
+}
+
+// Independent of BindWeights' own code: the §7 table of the released checkpoint, typed in.
+TEST(WeightsTest, BindingsUseTheReleasedNamesAndShapes) {
+  ModelWeights w;
+  w.config = *PresetConfig("kimi-linear-48b");
+  std::map<std::string, std::vector<int64_t>> got;
+  for (const WeightBinding& b : BindWeights(&w)) got[b.name] = b.shape;
+  const std::map<std::string, std::vector<int64_t>> expected = {
+      {"model.embed_tokens.weight", {163840, 2304}},
+      {"model.norm.weight", {2304}},
+      {"lm_head.weight", {163840, 2304}},
+      {"model.layers.0.input_layernorm.weight", {2304}},
+      {"model.layers.0.post_attention_layernorm.weight", {2304}},
+      {"model.layers.0.self_attn.q_proj.weight", {4096, 2304}},
+      {"model.layers.0.self_attn.k_proj.weight", {4096, 2304}},
+      {"model.layers.0.self_attn.v_proj.weight", {4096, 2304}},
+      {"model.layers.0.self_attn.q_conv1d.weight", {4096, 1, 4}},
+      {"model.layers.0.self_attn.k_conv1d.weight", {4096, 1, 4}},
+      {"model.layers.0.self_attn.v_conv1d.weight", {4096, 1, 4}},
+      {"model.layers.0.self_attn.f_a_proj.weight", {128, 2304}},
+      {"model.layers.0.self_attn.f_b_proj.weight", {4096, 128}},
+      {"model.layers.0.self_attn.dt_bias", {4096}},
+      {"model.layers.0.self_attn.A_log", {1, 1, 32, 1}},
+      {"model.layers.0.self_attn.b_proj.weight", {32, 2304}},
+      {"model.layers.0.self_attn.g_a_proj.weight", {128, 2304}},
+      {"model.layers.0.self_attn.g_b_proj.weight", {4096, 128}},
+      {"model.layers.0.self_attn.o_norm.weight", {128}},
+      {"model.layers.0.self_attn.o_proj.weight", {2304, 4096}},
+      {"model.layers.0.mlp.gate_proj.weight", {9216, 2304}},
+      {"model.layers.0.mlp.up_proj.weight", {9216, 2304}},
+      {"model.layers.0.mlp.down_proj.weight", {2304, 9216}},
+      {"model.layers.3.self_attn.q_proj.weight", {6144, 2304}},
+      {"model.layers.3.self_attn.kv_a_proj_with_mqa.weight", {576, 2304}},
+      {"model.layers.3.self_attn.kv_a_layernorm.weight", {512}},
+      {"model.layers.3.self_attn.kv_b_proj.weight", {8192, 512}},
+      {"model.layers.3.self_attn.o_proj.weight", {2304, 4096}},
+      {"model.layers.26.self_attn.kv_b_proj.weight", {8192, 512}},
+      {"model.layers.26.block_sparse_moe.gate.weight", {256, 2304}},
+      {"model.layers.26.block_sparse_moe.gate.e_score_correction_bias", {256}},
+      {"model.layers.26.block_sparse_moe.experts.0.w1.weight", {1024, 2304}},
+      {"model.layers.26.block_sparse_moe.experts.255.w3.weight", {1024, 2304}},
+      {"model.layers.26.block_sparse_moe.experts.17.w2.weight", {2304, 1024}},
+      {"model.layers.26.block_sparse_moe.shared_experts.gate_proj.weight", {1024, 2304}},
+      {"model.layers.26.block_sparse_moe.shared_experts.up_proj.weight", {1024, 2304}},
+      {"model.layers.26.block_sparse_moe.shared_experts.down_proj.weight", {2304, 1024}},
+  };
+  for (const auto& [name, shape] : expected) {
+    ASSERT_TRUE(got.count(name)) << "no binding for " << name;
+    EXPECT_EQ(got[name], shape) << name;
+  }
+  // Layer typing of the released model: MLA (no KDA tensors) at 3, 7, …, 26; MoE from layer 1.
+  EXPECT_FALSE(got.count("model.layers.3.self_attn.A_log"));
+  EXPECT_FALSE(got.count("model.layers.26.self_attn.q_conv1d.weight"));
+  EXPECT_TRUE(got.count("model.layers.25.self_attn.A_log"));
+  EXPECT_FALSE(got.count("model.layers.1.mlp.gate_proj.weight"));
+  EXPECT_FALSE(got.count("model.layers.0.block_sparse_moe.gate.weight"));
+  // Count: embed, norm, lm_head + per layer 2 norms + mixer + FFN tensors.
+  const size_t per_kda = 15, per_mla = 5, dense = 3, moe = 2 + 256 * 3 + 3;
+  EXPECT_EQ(got.size(), 3 + 27 * 2 + 20 * per_kda + 7 * per_mla + dense + 26 * moe);
+}
+
+TEST(MakeModelTest, LargePresetsAreRefusedWithoutConfigOnly) {
+  const std::string dir = kls::testing::ScratchDir() + "/big";
+  MakeModelOptions options;
+  options.out_dir = dir;
+  absl::Status s = MakeModel(*PresetConfig("kimi-linear-48b"), options);
+  EXPECT_TRUE(absl::IsResourceExhausted(s)) << s;
+  options.with_weights = false;
+  ASSERT_TRUE(MakeModel(*PresetConfig("kimi-linear-48b"), options).ok());
+  absl::StatusOr<ModelConfig> back = LoadModelConfig(dir);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->vocab_size, 163840);
+  EXPECT_FALSE(FileExists(dir + "/model.safetensors"));
 }
 
 TEST(MakeModelTest, SameSeedSameBytesOtherSeedOtherWeights) {

@@ -158,6 +158,54 @@ TEST(GeneratorTest, BadOptionsAndPromptsAreRefusedBeforeAnyChange) {
   expect_invalid(options, bad, "outside the vocabulary");
   const std::vector<int32_t> too_long(config.model_max_length + 1, 65);
   expect_invalid(options, too_long, "context limit");
+  const std::vector<int32_t> exactly_full(config.model_max_length, 65);
+  expect_invalid(options, exactly_full, "no room");
+}
+
+// Positions run 0..model_max_length-1 and the pending token needs one: a prompt must leave a
+// position free, and decode stops when the next pending token would take the last one.
+TEST(GeneratorTest, ContextLimitEdges) {
+  auto weights = std::make_shared<ModelWeights>(*TinyModel().weights);
+  weights->config.model_max_length = 20;
+  auto backend = CpuBackend::Create(weights);
+  ASSERT_TRUE(backend.ok());
+  GenerateOptions options;
+  options.max_tokens = 100;
+
+  SessionState full(weights->config);
+  const std::vector<int32_t> twenty(20, 65);
+  absl::StatusOr<GenerateResult> r = Generate(**backend, &full, twenty, options);
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(absl::IsInvalidArgument(r.status())) << r.status();
+  EXPECT_EQ(full.num_tokens(), 0);
+
+  SessionState nineteen_state(weights->config);
+  const std::vector<int32_t> nineteen(19, 65);
+  r = Generate(**backend, &nineteen_state, nineteen, options);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->tokens.size(), 1u);
+  EXPECT_EQ(r->finish, FinishReason::kLength);
+  EXPECT_EQ(nineteen_state.num_tokens(), 19);
+
+  SessionState ten_state(weights->config);
+  const std::vector<int32_t> ten(10, 65);
+  r = Generate(**backend, &ten_state, ten, options);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->tokens.size(), 10u);  // positions 10..19; the last one is pending
+  EXPECT_EQ(r->finish, FinishReason::kLength);
+  EXPECT_EQ(ten_state.num_tokens(), 19);
+}
+
+// Broken numbers never become tokens.
+TEST(GeneratorTest, NanLogitsAreAnInternalError) {
+  auto weights = std::make_shared<ModelWeights>(*TinyModel().weights);
+  weights->final_norm[0] = std::numeric_limits<float>::quiet_NaN();
+  auto backend = CpuBackend::Create(weights);
+  ASSERT_TRUE(backend.ok());
+  SessionState state(weights->config);
+  absl::StatusOr<GenerateResult> r = Generate(**backend, &state, Prompt(), GenerateOptions{});
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(absl::IsInternal(r.status())) << r.status();
 }
 
 }  // namespace

@@ -38,7 +38,7 @@ TEST(ChatFormatTest, RendersConversationExactly) {
   auto tok = MakeByteTokenizer();
   ASSERT_NE(tok, nullptr);
   const std::vector<ChatMessage> messages = {
-      {"system", std::string(kDefaultSystemPrompt), ""},
+      {"system", "You are Kimi, an AI assistant created by Moonshot AI.", ""},
       {"user", "What's 2+2? 你好", ""},
       {"assistant", "4", ""},
       {"tool", "{\"result\": 4}", "calculator"},
@@ -97,6 +97,20 @@ TEST(ChatFormatTest, EmptyConversationIsJustThePrompt) {
   expected.push_back(kImMiddle);
   EXPECT_EQ(*RenderChat(*tok, {}, true), expected);
   EXPECT_TRUE(RenderChat(*tok, {}, false)->empty());
+}
+
+// No system message is invented: the exact Kimi-Linear chat template is unverified
+// (KIMI_LINEAR.md §11), so callers add one when they want it.
+TEST(ChatFormatTest, NoSystemPromptIsInserted) {
+  auto tok = MakeByteTokenizer();
+  ASSERT_NE(tok, nullptr);
+  const std::vector<ChatMessage> messages = {{"user", "hi", ""}};
+  std::vector<int32_t> expected = {kImUser};
+  Append(&expected, "user");
+  expected.push_back(kImMiddle);
+  Append(&expected, "hi");
+  expected.push_back(kImEnd);
+  EXPECT_EQ(*RenderChat(*tok, messages, false), expected);
 }
 
 TEST(ChatFormatTest, SpecialTokenStringsInContentStayText) {

@@ -400,9 +400,13 @@ TEST(TokenizerTest, MalformedContentsGiveClearErrors) {
       {"decoder key negative", model, R"({"added_tokens_decoder": {"-3": {"content": "a"}}})",
        "key '-3' is not a token id"},
       {"decoder id is a rank", model, R"({"added_tokens_decoder": {"100": {"content": "a"}}})",
-       "id 100 is outside the special-token slots [256, 512)"},
-      {"decoder id past slots", model, R"({"added_tokens_decoder": {"512": {"content": "a"}}})",
-       "id 512 is outside the special-token slots [256, 512)"},
+       "added_tokens_decoder id 100 is below 256, the first special-token id: it would shadow "
+       "mergeable rank 100"},
+      {"decoder id is the last rank", model,
+       R"({"added_tokens_decoder": {"255": {"content": "a"}}})", "id 255 is below 256"},
+      {"decoder id past reference slots", model,
+       R"({"added_tokens_decoder": {"514": {"content": "a"}}})",
+       "id 514 is past the 258 special-token ids [256, 514) of the reference tokenizer"},
       {"decoder no content", model, R"({"added_tokens_decoder": {"300": {"special": true}}})",
        "added_tokens_decoder[\"300\"].content must be a non-empty string"},
       {"decoder content not string", model, R"({"added_tokens_decoder": {"300": {"content": 1}}})",
@@ -447,6 +451,34 @@ TEST(TokenizerTest, ConfigDefaultsAndAddedTokenObjects) {
   ASSERT_TRUE(tok2.ok()) << tok2.status();
   EXPECT_EQ((*tok2)->bos_id(), 256);
   EXPECT_EQ((*tok2)->eos_id(), 257);
+}
+
+// The reference tokenizer builds 258 special slots, so a released tokenizer_config.json may name
+// ids n + 256 and n + 257. They are outside the model's embedding: ignored, not an error.
+TEST(TokenizerTest, AddedTokensPastTheEmbeddingAreIgnored) {
+  const std::string model = MakeByteLevelTiktokenModel();
+  auto tok = Tokenizer::FromContents(model, R"({"added_tokens_decoder": {
+      "256": {"content": "[BOS]"}, "257": {"content": "[EOS]"},
+      "511": {"content": "[PAD]"},
+      "512": {"content": "[EXTRA_0]", "special": true},
+      "513": {"content": "[EXTRA_1]", "special": true}}})");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_EQ((*tok)->vocab_size(), 512);
+  EXPECT_EQ((*tok)->SpecialTokenId("[PAD]"), 511);
+  EXPECT_EQ((*tok)->SpecialTokenId("[EXTRA_0]"), std::nullopt);
+  EXPECT_EQ((*tok)->SpecialTokenId("[EXTRA_1]"), std::nullopt);
+  EXPECT_FALSE((*tok)->TokenBytes(512).ok());
+  // Ignored entries are not validated either (their content is irrelevant to this model)...
+  EXPECT_TRUE(Tokenizer::FromContents(model, R"({"added_tokens_decoder": {
+      "256": {"content": "[BOS]"}, "257": {"content": "[EOS]"}, "513": {"special": true}}})")
+                  .ok());
+  // ...and cannot make an ignored name resolve.
+  auto bad_bos =
+      Tokenizer::FromContents(model, R"({"bos_token": "[EXTRA_0]", "added_tokens_decoder": {
+      "257": {"content": "[EOS]"}, "512": {"content": "[EXTRA_0]"}}})");
+  ASSERT_FALSE(bad_bos.ok());
+  EXPECT_THAT(bad_bos.status().message(),
+              HasSubstr("bos_token '[EXTRA_0]' is not a special token"));
 }
 
 TEST(TokenizerTest, LoadReportsMissingAndMalformedFiles) {
