@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace kls::testing {
@@ -35,6 +36,17 @@ double MaxRelativeError(std::span<const float> actual, std::span<const float> ex
                                               std::span<const double> expected, double bound);
 ::testing::AssertionResult RelativeErrorBelow(std::span<const float> actual,
                                               std::span<const float> expected, double bound);
+
+// Readable names for tests typed over fp32 and fp64:
+//   TYPED_TEST_SUITE(MyTest, FloatTypes, FloatTypeNames);
+using FloatTypes = ::testing::Types<float, double>;
+class FloatTypeNames {
+ public:
+  template <typename T>
+  static std::string GetName(int) {
+    return std::is_same_v<T, double> ? "fp64" : "fp32";
+  }
+};
 
 // True when every value is finite.
 bool AllFinite(std::span<const float> values);

@@ -65,16 +65,7 @@ TEST(CausalConv1dSiluReferenceTest, HandChecked) {
 template <typename T>
 class ConvReferenceTest : public ::testing::Test {};
 
-class DtypeNames {
- public:
-  template <typename T>
-  static std::string GetName(int) {
-    return std::is_same_v<T, double> ? "fp64" : "fp32";
-  }
-};
-
-using Dtypes = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(ConvReferenceTest, Dtypes, DtypeNames);
+TYPED_TEST_SUITE(ConvReferenceTest, kls::testing::FloatTypes, kls::testing::FloatTypeNames);
 
 // Against out[t] = SiLU(sum_i w[c, i] * ext[t + i, c]) with ext = [state; x], built explicitly.
 TYPED_TEST(ConvReferenceTest, MatchesDirectFormula) {

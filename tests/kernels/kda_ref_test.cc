@@ -382,16 +382,7 @@ INSTANTIATE_TEST_SUITE_P(HeadDims, KdaChunkVsRecurrentTest, ::testing::ValuesIn(
 template <typename T>
 class KdaReferenceTypedTest : public ::testing::Test {};
 
-class DtypeNames {
- public:
-  template <typename T>
-  static std::string GetName(int) {
-    return std::is_same_v<T, double> ? "fp64" : "fp32";
-  }
-};
-
-using Dtypes = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(KdaReferenceTypedTest, Dtypes, DtypeNames);
+TYPED_TEST_SUITE(KdaReferenceTypedTest, kls::testing::FloatTypes, kls::testing::FloatTypeNames);
 
 // g = -400 per step: exp(-G) over a chunk would be exp(25600). Only an algorithm that never
 // evaluates a positive exponent stays finite.

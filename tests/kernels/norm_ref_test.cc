@@ -78,16 +78,7 @@ TEST(NormReferenceTest, HandChecked) {
 template <typename T>
 class NormReferenceTest : public ::testing::Test {};
 
-class DtypeNames {
- public:
-  template <typename T>
-  static std::string GetName(int) {
-    return std::is_same_v<T, double> ? "fp64" : "fp32";
-  }
-};
-
-using Dtypes = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(NormReferenceTest, Dtypes, DtypeNames);
+TYPED_TEST_SUITE(NormReferenceTest, kls::testing::FloatTypes, kls::testing::FloatTypeNames);
 
 // Rows of the edge widths 1 and 128 (the model's head dim) and an odd one.
 constexpr int64_t kDims[] = {1, 5, 128};
