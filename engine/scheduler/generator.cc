@@ -13,7 +13,8 @@ double SecondsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-bool HasFiniteMaximum(std::span<const float> logits) {
+// True when no logit is NaN and at least one is finite.
+bool LogitsAreSamplable(std::span<const float> logits) {
   bool any_finite = false;
   for (float x : logits) {
     if (std::isnan(x)) return false;
@@ -112,7 +113,7 @@ absl::StatusOr<GenerateResult> Generate(Backend& backend, SessionState* state,
   while (true) {
     if (options.observe_logits) options.observe_logits(logits);
     // A NaN or all -inf row means the forward pass broke; never turn it into a token.
-    if (!HasFiniteMaximum(logits)) {
+    if (!LogitsAreSamplable(logits)) {
       return absl::InternalError(absl::StrCat("the logits at position ", state->num_tokens(),
                                               " contain NaN or no finite value"));
     }
