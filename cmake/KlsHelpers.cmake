@@ -36,8 +36,21 @@ function(kls_add_test name)
   if(NOT ARG_LABELS)
     set(ARG_LABELS cpu)
   endif()
-  gtest_discover_tests(${name}
-    PROPERTIES LABELS "${ARG_LABELS}"
-    ENVIRONMENT "KLS_SOURCE_DIR=${PROJECT_SOURCE_DIR};KLS_BINARY_DIR=${PROJECT_BINARY_DIR}"
-    DISCOVERY_TIMEOUT 60)
+  # The trees are compiled in (tests/test_util.h SourceDir/BinaryDir; the environment variables
+  # KLS_SOURCE_DIR / KLS_BINARY_DIR override them when a bundle runs elsewhere).
+  target_compile_definitions(${name} PRIVATE KLS_TEST_SOURCE_DIR="${PROJECT_SOURCE_DIR}"
+    KLS_TEST_BINARY_DIR="${PROJECT_BINARY_DIR}")
+  gtest_discover_tests(${name} PROPERTIES LABELS "${ARG_LABELS}" DISCOVERY_TIMEOUT 60)
+endfunction()
+
+# kls_glob_library(NAME DIR [DEPS ...]): one library from the *.cc files of DIR (tests excluded).
+function(kls_glob_library name dir)
+  cmake_parse_arguments(ARG "" "" "DEPS;PRIVATE_DEPS" ${ARGN})
+  file(GLOB sources CONFIGURE_DEPENDS ${dir}/*.cc)
+  list(FILTER sources EXCLUDE REGEX "_test\\.cc$")
+  if(NOT sources)
+    message(STATUS "kls_glob_library(${name}): no sources in ${dir} yet; skipped")
+    return()
+  endif()
+  kls_add_library(${name} SOURCES ${sources} DEPS ${ARG_DEPS} PRIVATE_DEPS ${ARG_PRIVATE_DEPS})
 endfunction()
