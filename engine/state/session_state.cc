@@ -14,6 +14,12 @@ SessionState::SessionState(const ModelConfig& config) : mla_cache_dim_(config.ml
   mla_.resize(config.num_mla_layers());
 }
 
+void SessionState::TruncateTokens(int64_t n) {
+  if (n < 0 || n > num_tokens_) return;
+  for (MlaLayerState& s : mla_) s.latent.resize(static_cast<size_t>(n) * mla_cache_dim_);
+  num_tokens_ = n;
+}
+
 int64_t SessionState::ByteSize() const {
   int64_t bytes = 0;
   for (const KdaLayerState& s : kda_) bytes += (s.recurrent.size() + s.conv.size()) * 4;

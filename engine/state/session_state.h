@@ -36,6 +36,12 @@ class SessionState {
   std::vector<MlaLayerState>& mla() { return mla_; }
   const std::vector<MlaLayerState>& mla() const { return mla_; }
 
+  // Drops the MLA cache rows of tokens [n, num_tokens()) and sets num_tokens() = n (0 <= n <=
+  // num_tokens(); otherwise nothing changes). The KDA state is not touched: callers restore it
+  // from a copy (the engine rolls a failed turn back this way, in O(fixed state) rather than
+  // copying the cache).
+  void TruncateTokens(int64_t n);
+
   // Bytes of state held (KDA + conv + MLA cache).
   int64_t ByteSize() const;
 
