@@ -114,12 +114,20 @@ void RemoveTree(const std::string& path) {
 }
 
 std::string BinaryDir() {
-  const char* d = std::getenv("KLS_BINARY_DIR");
-  return d ? d : ".";
+  if (const char* d = std::getenv("KLS_BINARY_DIR")) return d;
+#ifdef KLS_TEST_BINARY_DIR
+  return KLS_TEST_BINARY_DIR;
+#else
+  return ".";
+#endif
 }
 std::string SourceDir() {
-  const char* d = std::getenv("KLS_SOURCE_DIR");
-  return d ? d : ".";
+  if (const char* d = std::getenv("KLS_SOURCE_DIR")) return d;
+#ifdef KLS_TEST_SOURCE_DIR
+  return KLS_TEST_SOURCE_DIR;
+#else
+  return ".";
+#endif
 }
 
 }  // namespace kls::testing

@@ -56,7 +56,8 @@ bool AllFinite(std::span<const double> values);
 std::string MakeTempDir();
 void RemoveTree(const std::string& path);
 
-// Directory of the test data the build made (KLS_BINARY_DIR) and the source tree (KLS_SOURCE_DIR).
+// The build tree and the source tree: $KLS_BINARY_DIR / $KLS_SOURCE_DIR when set, else the
+// directories the test was compiled in.
 std::string BinaryDir();
 std::string SourceDir();
 
