@@ -13,6 +13,10 @@ namespace kls::cli {
 std::function<int()> AddMakeModelCommand(CLI::App& app);
 std::function<int()> AddGenerateCommand(CLI::App& app);
 std::function<int()> AddBenchCommand(CLI::App& app);
+std::function<int()> AddServeCommand(CLI::App& app);
+std::function<int()> AddRouterCommand(CLI::App& app);
+std::function<int()> AddWorkerCommand(CLI::App& app);
+std::function<int()> AddStoreCommand(CLI::App& app);
 
 }  // namespace kls::cli
 

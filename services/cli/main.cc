@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "services/cli/client_commands.h"
 #include "services/cli/commands.h"
 
 int main(int argc, char** argv) {
@@ -17,6 +18,12 @@ int main(int argc, char** argv) {
   add(kls::cli::AddMakeModelCommand);
   add(kls::cli::AddGenerateCommand);
   add(kls::cli::AddBenchCommand);
+  add(kls::cli::AddServeCommand);
+  add(kls::cli::AddRouterCommand);
+  add(kls::cli::AddWorkerCommand);
+  add(kls::cli::AddStoreCommand);
+  add(kls::cli::AddChatCommand);
+  add(kls::cli::AddSessionsCommand);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

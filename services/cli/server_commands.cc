@@ -1,0 +1,282 @@
+// The server roles of `kls`: serve (all in one), router, worker, store. Each builds its gRPC
+// server(s) with the health service and reflection, runs until SIGTERM or SIGINT, then drains
+// (workers finish running turns and write back hot sessions) and exits 0.
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <system_error>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_split.h"
+#include "absl/time/time.h"
+#include "common/logging.h"
+#include "services/cli/commands.h"
+#include "services/router/router.h"
+#include "services/store/rocksdb_shard.h"
+#include "services/store/store_service.h"
+#include "services/worker/worker.h"
+
+namespace kls::cli {
+namespace {
+
+// Blocks SIGTERM and SIGINT in this thread and every thread it starts later, so WaitForSignal
+// receives them synchronously. Call before any server thread exists.
+void BlockTerminationSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+}
+
+int WaitForSignal() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  int signal = 0;
+  sigwait(&set, &signal);
+  return signal;
+}
+
+std::vector<std::string> SplitList(const std::string& s) {
+  std::vector<std::string> out;
+  for (absl::string_view part : absl::StrSplit(s, ',', absl::SkipWhitespace())) {
+    out.emplace_back(part.data(), part.size());
+  }
+  return out;
+}
+
+// A server on `listen` (empty: in-process only) with health and reflection.
+std::unique_ptr<grpc::Server> BuildServer(const std::string& listen,
+                                          const std::vector<grpc::Service*>& services,
+                                          int* bound_port) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  if (!listen.empty()) {
+    builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), bound_port);
+  }
+  // Snapshot streams and long prompts: allow large messages (pieces are 1 MiB anyway).
+  builder.SetMaxReceiveMessageSize(64 << 20);
+  for (grpc::Service* service : services) builder.RegisterService(service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || (!listen.empty() && *bound_port == 0)) {
+    std::fprintf(stderr, "error: cannot listen on %s\n", listen.c_str());
+    return nullptr;
+  }
+  return server;
+}
+
+struct WorkerFlags {
+  std::string model = "models/tiny";
+  std::string data_dir = "kls-data";
+  std::string store;  // comma-separated shard addresses; empty: embedded
+  int store_replication = 1;
+  double hot_budget_mb = 2048;
+  int max_running_turns = 64;
+  int max_tokens_limit = 8192;
+  double drain_timeout_s = 60;
+  double gc_interval_s = 300;
+};
+
+void AddWorkerFlags(CLI::App* cmd, WorkerFlags* f, bool with_store) {
+  cmd->add_option("--model", f->model, "Model directory")->capture_default_str();
+  cmd->add_option("--data-dir", f->data_dir, "Directory of the embedded store")
+      ->capture_default_str();
+  if (with_store) {
+    cmd->add_option("--store", f->store,
+                    "Store shards HOST:PORT,HOST:PORT (kls store); empty: embedded RocksDB");
+    cmd->add_option("--store-replication", f->store_replication, "Copies of every key (R)")
+        ->capture_default_str();
+  }
+  cmd->add_option("--hot-budget-mb", f->hot_budget_mb, "Session state held in memory (MiB)")
+      ->capture_default_str();
+  cmd->add_option("--max-running-turns", f->max_running_turns, "Turns batched together")
+      ->capture_default_str();
+  cmd->add_option("--max-tokens-limit", f->max_tokens_limit, "Largest max_tokens a turn may ask")
+      ->capture_default_str();
+  cmd->add_option("--drain-timeout", f->drain_timeout_s, "Seconds to drain on SIGTERM")
+      ->capture_default_str();
+  cmd->add_option("--gc-interval", f->gc_interval_s, "Seconds between store garbage collections")
+      ->capture_default_str();
+}
+
+absl::StatusOr<std::unique_ptr<worker::Worker>> MakeWorker(const WorkerFlags& f) {
+  worker::WorkerOptions options;
+  options.model_dir = f.model;
+  options.data_dir = f.data_dir;
+  options.store_targets = SplitList(f.store);
+  options.store_replication = f.store_replication;
+  options.engine.hot_budget_bytes = static_cast<int64_t>(f.hot_budget_mb * (1 << 20));
+  options.engine.max_running_turns = f.max_running_turns;
+  options.engine.max_tokens_limit = f.max_tokens_limit;
+  options.gc_interval = absl::Seconds(f.gc_interval_s);
+  return worker::Worker::Create(options);
+}
+
+// Drains the worker (if any), then stops the servers. Exit code 0 unless the drain timed out.
+int Shutdown(worker::Worker* worker, double drain_timeout_s,
+             const std::vector<grpc::Server*>& servers) {
+  int code = 0;
+  if (worker != nullptr) {
+    absl::Status drained = worker->Drain(absl::Seconds(drain_timeout_s));
+    if (!drained.ok()) {
+      KLS_LOG(ERROR) << "drain: " << drained;
+      code = 1;
+    }
+  }
+  for (grpc::Server* server : servers) {
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  }
+  KLS_LOG(INFO) << "stopped";
+  return code;
+}
+
+}  // namespace
+
+std::function<int()> AddServeCommand(CLI::App& app) {
+  CLI::App* cmd = app.add_subcommand(
+      "serve", "Router + one worker + an embedded store in one process (the quick start)");
+  auto flags = std::make_shared<WorkerFlags>();
+  auto listen = std::make_shared<std::string>("127.0.0.1:50051");
+  auto api_keys = std::make_shared<std::string>();
+  AddWorkerFlags(cmd, flags.get(), /*with_store=*/false);
+  cmd->add_option("--listen", *listen, "gRPC address of kls.v1.Sessions")->capture_default_str();
+  cmd->add_option("--api-keys", *api_keys, "File of \"<key> <tenant>\" lines; none: open");
+  return [flags, listen, api_keys]() -> int {
+    BlockTerminationSignals();
+    absl::StatusOr<std::unique_ptr<worker::Worker>> worker = MakeWorker(*flags);
+    if (!worker.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(worker.status().message()).c_str());
+      return 1;
+    }
+    // The worker is reached through an in-process channel: no port, no TCP.
+    int unused = 0;
+    std::unique_ptr<grpc::Server> worker_server = BuildServer("", {(*worker)->service()}, &unused);
+    if (worker_server == nullptr) return 1;
+    (*worker)->AttachHealth(worker_server->GetHealthCheckService());
+    router::RouterOptions router_options;
+    router_options.worker_channels.push_back(
+        {"local", worker_server->InProcessChannel(grpc::ChannelArguments())});
+    router_options.health_interval = absl::Milliseconds(500);
+    router_options.api_keys_file = *api_keys;
+    absl::StatusOr<std::unique_ptr<router::Router>> router = router::Router::Create(router_options);
+    if (!router.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(router.status().message()).c_str());
+      return 2;
+    }
+    int port = 0;
+    std::unique_ptr<grpc::Server> server = BuildServer(*listen, {(*router)->service()}, &port);
+    if (server == nullptr) return 1;
+    if (absl::Status ready = (*router)->WaitForReady(absl::Seconds(30)); !ready.ok()) {
+      std::fprintf(stderr, "error: the worker did not become ready: %s\n",
+                   std::string(ready.message()).c_str());
+      return 1;
+    }
+    std::fprintf(stderr, "kls serve: listening on %s (model %s, data %s)\n", listen->c_str(),
+                 flags->model.c_str(), flags->data_dir.c_str());
+    const int signal = WaitForSignal();
+    KLS_LOG(INFO) << "signal " << signal << ": draining";
+    const int code = Shutdown(worker->get(), flags->drain_timeout_s, {server.get()});
+    (*router)->Shutdown();
+    worker_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    return code;
+  };
+}
+
+std::function<int()> AddWorkerCommand(CLI::App& app) {
+  CLI::App* cmd = app.add_subcommand("worker", "A worker: the engine behind kls.v1.Worker");
+  auto flags = std::make_shared<WorkerFlags>();
+  auto listen = std::make_shared<std::string>("127.0.0.1:50061");
+  AddWorkerFlags(cmd, flags.get(), /*with_store=*/true);
+  cmd->add_option("--listen", *listen, "gRPC address of kls.v1.Worker")->capture_default_str();
+  return [flags, listen]() -> int {
+    BlockTerminationSignals();
+    absl::StatusOr<std::unique_ptr<worker::Worker>> worker = MakeWorker(*flags);
+    if (!worker.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(worker.status().message()).c_str());
+      return 1;
+    }
+    int port = 0;
+    std::unique_ptr<grpc::Server> server = BuildServer(*listen, {(*worker)->service()}, &port);
+    if (server == nullptr) return 1;
+    (*worker)->AttachHealth(server->GetHealthCheckService());
+    std::fprintf(stderr, "kls worker: listening on %s\n", listen->c_str());
+    WaitForSignal();
+    return Shutdown(worker->get(), flags->drain_timeout_s, {server.get()});
+  };
+}
+
+std::function<int()> AddRouterCommand(CLI::App& app) {
+  CLI::App* cmd = app.add_subcommand("router", "A router: kls.v1.Sessions over workers");
+  auto listen = std::make_shared<std::string>("127.0.0.1:50051");
+  auto workers = std::make_shared<std::string>();
+  auto api_keys = std::make_shared<std::string>();
+  cmd->add_option("--listen", *listen, "gRPC address of kls.v1.Sessions")->capture_default_str();
+  cmd->add_option("--workers", *workers,
+                  "Workers: HOST:PORT,... or dns:///NAME:PORT (re-resolved)")
+      ->required();
+  cmd->add_option("--api-keys", *api_keys, "File of \"<key> <tenant>\" lines; none: open");
+  return [listen, workers, api_keys]() -> int {
+    BlockTerminationSignals();
+    router::RouterOptions options;
+    options.workers = SplitList(*workers);
+    options.api_keys_file = *api_keys;
+    absl::StatusOr<std::unique_ptr<router::Router>> router = router::Router::Create(options);
+    if (!router.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(router.status().message()).c_str());
+      return 2;
+    }
+    int port = 0;
+    std::unique_ptr<grpc::Server> server = BuildServer(*listen, {(*router)->service()}, &port);
+    if (server == nullptr) return 1;
+    std::fprintf(stderr, "kls router: listening on %s\n", listen->c_str());
+    WaitForSignal();
+    const int code = Shutdown(nullptr, 0, {server.get()});
+    (*router)->Shutdown();
+    return code;
+  };
+}
+
+std::function<int()> AddStoreCommand(CLI::App& app) {
+  CLI::App* cmd = app.add_subcommand("store", "A store shard: one RocksDB as kls.v1.StateStore");
+  auto listen = std::make_shared<std::string>("127.0.0.1:50071");
+  auto data_dir = std::make_shared<std::string>("kls-store");
+  cmd->add_option("--listen", *listen, "gRPC address of kls.v1.StateStore")->capture_default_str();
+  cmd->add_option("--data-dir", *data_dir, "RocksDB directory")->capture_default_str();
+  return [listen, data_dir]() -> int {
+    BlockTerminationSignals();
+    store::RocksDbShardOptions options;
+    options.dir = *data_dir;
+    std::error_code error;
+    std::filesystem::create_directories(options.dir, error);
+    if (error) {
+      std::fprintf(stderr, "error: cannot create %s: %s\n", options.dir.c_str(),
+                   error.message().c_str());
+      return 1;
+    }
+    absl::StatusOr<std::unique_ptr<store::RocksDbShard>> shard = store::RocksDbShard::Open(options);
+    if (!shard.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(shard.status().message()).c_str());
+      return 1;
+    }
+    store::StateStoreService service(shard->get(), store::StateStoreServiceOptions());
+    int port = 0;
+    std::unique_ptr<grpc::Server> server = BuildServer(*listen, {&service}, &port);
+    if (server == nullptr) return 1;
+    std::fprintf(stderr, "kls store: listening on %s (data %s)\n", listen->c_str(),
+                 data_dir->c_str());
+    WaitForSignal();
+    return Shutdown(nullptr, 0, {server.get()});
+  };
+}
+
+}  // namespace kls::cli

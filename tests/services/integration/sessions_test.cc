@@ -1,0 +1,412 @@
+// The sessions contract end to end on loopback, in one process: router → worker(s) → store.
+// Every multi-turn result is compared token for token with one uninterrupted run over the same
+// token sequence (greedy), which is what "the state carried between turns is exact" means.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <thread>
+
+#include "services/store/remote_shard.h"
+#include "tests/services/integration/cluster.h"
+
+namespace kls::testing {
+namespace {
+
+constexpr int kTurnTokens = 8;
+
+class SessionsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    data_dir_ = ScratchDir();
+    worker::WorkerOptions options;
+    options.data_dir = data_dir_;
+    worker_ = StartWorker(options);
+    ASSERT_NE(worker_, nullptr);
+    router_ = StartRouter({worker_->address});
+    client_ = router_->client.get();
+  }
+
+  // Runs a turn of fresh input tokens and checks it against the uninterrupted run over
+  // `history` + input; appends input and output to `history`.
+  TurnResult ExactTurn(const std::string& session_id, std::vector<int32_t>* history, uint64_t seed,
+                       const std::string& request_id = "") {
+    const std::vector<int32_t> input = InputTokens(5 + seed % 7, seed);
+    TurnResult turn = RunTurn(client_, TokensTurn(session_id, input, kTurnTokens, request_id));
+    EXPECT_TRUE(turn.status.ok()) << turn.status.error_message();
+    history->insert(history->end(), input.begin(), input.end());
+    EXPECT_EQ(turn.tokens, UninterruptedRun(*history, kTurnTokens)) << "seed " << seed;
+    history->insert(history->end(), turn.tokens.begin(), turn.tokens.end());
+    return turn;
+  }
+
+  kls::v1::Session Get(const std::string& id, bool history = false) {
+    grpc::ClientContext context;
+    kls::v1::GetSessionRequest request;
+    request.set_session_id(id);
+    request.set_include_history(history);
+    kls::v1::Session session;
+    grpc::Status status = client_->GetSession(&context, request, &session);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return session;
+  }
+
+  std::string data_dir_;
+  std::unique_ptr<ServedWorker> worker_;
+  std::unique_ptr<ServedRouter> router_;
+  kls::v1::Sessions::Stub* client_ = nullptr;
+};
+
+TEST_F(SessionsTest, FourTurnsEqualOneUninterruptedRun) {
+  ASSERT_TRUE(CreateSession(client_, "four").ok());
+  std::vector<int32_t> history;
+  for (uint64_t turn = 1; turn <= 4; ++turn) {
+    TurnResult result = ExactTurn("four", &history, turn);
+    EXPECT_EQ(result.final.version(), turn);
+    EXPECT_EQ(result.final.finish_reason(), kls::v1::FINISH_REASON_LENGTH);
+    EXPECT_EQ(result.final.usage().completion_tokens(), static_cast<uint32_t>(kTurnTokens));
+  }
+  const kls::v1::Session session = Get("four", /*history=*/true);
+  EXPECT_EQ(session.version(), 4u);
+  EXPECT_EQ(session.num_tokens(), history.size());
+  EXPECT_EQ(std::vector<int32_t>(session.history_tokens().begin(), session.history_tokens().end()),
+            history);
+}
+
+TEST_F(SessionsTest, ChatMessagesAndSystemPromptStreamText) {
+  ASSERT_TRUE(CreateSession(client_, "chat", "You are terse.").ok());
+  kls::v1::GenerateRequest request;
+  request.set_session_id("chat");
+  kls::v1::Message* m = request.add_messages();
+  m->set_role("user");
+  m->set_content("Hello, kls! ✓");
+  request.mutable_sampling()->set_temperature(0.8f);
+  request.mutable_sampling()->set_seed(42);
+  request.mutable_sampling()->set_max_tokens(16);
+  TurnResult first = RunTurn(client_, request);
+  ASSERT_TRUE(first.status.ok()) << first.status.error_message();
+  EXPECT_GE(first.tokens.size(), 1u);
+  EXPECT_EQ(first.final.version(), 1u);
+  EXPECT_EQ(first.final.usage().seed(), 42u);
+  // The system prompt (rendered at creation) was fed in the first turn.
+  EXPECT_GT(first.final.usage().prompt_tokens(), 20u);
+  const kls::v1::Session session = Get("chat", true);
+  EXPECT_NE(session.history_text().find("You are terse."), std::string::npos);
+  EXPECT_NE(session.history_text().find("Hello, kls! ✓"), std::string::npos);
+}
+
+TEST_F(SessionsTest, CancelledTurnLeavesTheSessionUnchanged) {
+  ASSERT_TRUE(CreateSession(client_, "cancel").ok());
+  std::vector<int32_t> history;
+  ExactTurn("cancel", &history, 1);
+  TurnResult cancelled =
+      RunTurn(client_, TokensTurn("cancel", InputTokens(9, 99), 4000), /*cancel_after_tokens=*/3);
+  EXPECT_EQ(cancelled.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(Get("cancel").version(), 1u);
+  // The next turn continues from version 1 exactly, as if the cancelled turn never happened.
+  TurnResult next = ExactTurn("cancel", &history, 2);
+  EXPECT_EQ(next.final.version(), 2u);
+}
+
+TEST_F(SessionsTest, RetriedRequestIdIsNotAppliedTwice) {
+  ASSERT_TRUE(CreateSession(client_, "idem").ok());
+  std::vector<int32_t> history;
+  TurnResult first = ExactTurn("idem", &history, 1, "req-1");
+  TurnResult retry = RunTurn(client_, TokensTurn("idem", InputTokens(6, 1), kTurnTokens, "req-1"));
+  ASSERT_TRUE(retry.status.ok());
+  EXPECT_TRUE(retry.final.replayed());
+  EXPECT_EQ(retry.tokens, first.tokens);
+  EXPECT_EQ(retry.final.version(), 1u);
+  EXPECT_EQ(Get("idem").version(), 1u);
+  EXPECT_EQ(ExactTurn("idem", &history, 2, "req-2").final.version(), 2u);
+}
+
+TEST_F(SessionsTest, ForkedBranchesAreIndependentAndShareBlocks) {
+  ASSERT_TRUE(CreateSession(client_, "parent").ok());
+  std::vector<int32_t> parent_history;
+  ExactTurn("parent", &parent_history, 1);
+  ExactTurn("parent", &parent_history, 2);
+  absl::StatusOr<store::StoreStats> before = worker_->worker->store().Stats();
+  ASSERT_TRUE(before.ok());
+
+  grpc::ClientContext context;
+  kls::v1::ForkSessionRequest fork;
+  fork.set_session_id("parent");
+  fork.set_new_session_id("child");
+  kls::v1::Session child;
+  const grpc::Status forked = client_->ForkSession(&context, fork, &child);
+  ASSERT_TRUE(forked.ok()) << forked.error_message();
+  EXPECT_EQ(child.version(), 2u);
+  EXPECT_EQ(child.parent_session_id(), "parent");
+
+  // Shared, not copied: the child lists the parent's blocks and the store holds no new ones.
+  absl::StatusOr<store::StoreStats> after = worker_->worker->store().Stats();
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(after->blocks, before->blocks);
+  absl::StatusOr<kls::v1::SessionRecord> parent_record =
+      worker_->worker->store().GetRecord("default", "parent");
+  absl::StatusOr<kls::v1::SessionRecord> child_record =
+      worker_->worker->store().GetRecord("default", "child");
+  ASSERT_TRUE(parent_record.ok() && child_record.ok());
+  ASSERT_GT(parent_record->block_keys_size(), 0);
+  EXPECT_EQ(std::vector<std::string>(child_record->block_keys().begin(),
+                                     child_record->block_keys().end()),
+            std::vector<std::string>(parent_record->block_keys().begin(),
+                                     parent_record->block_keys().end()));
+
+  std::vector<int32_t> child_history = parent_history;
+  ExactTurn("child", &child_history, 30);
+  ExactTurn("parent", &parent_history, 40);
+  ExactTurn("child", &child_history, 31);
+  EXPECT_EQ(Get("parent").version(), 3u);
+  EXPECT_EQ(Get("child").version(), 4u);
+
+  // A fork at an older version starts from that version's history.
+  grpc::ClientContext old_context;
+  fork.set_new_session_id("old-branch");
+  fork.set_version(1);
+  kls::v1::Session old_branch;
+  ASSERT_TRUE(client_->ForkSession(&old_context, fork, &old_branch).ok());
+  EXPECT_EQ(old_branch.version(), 1u);
+  const kls::v1::Session v1 = Get("old-branch", true);
+  std::vector<int32_t> old_history(v1.history_tokens().begin(), v1.history_tokens().end());
+  ASSERT_LT(old_history.size(), parent_history.size());
+  EXPECT_TRUE(std::equal(old_history.begin(), old_history.end(), parent_history.begin()));
+  ExactTurn("old-branch", &old_history, 50);
+}
+
+TEST_F(SessionsTest, CorruptStateChunkIsRebuiltFromTheTokenHistory) {
+  ASSERT_TRUE(CreateSession(client_, "corrupt").ok());
+  std::vector<int32_t> history;
+  ExactTurn("corrupt", &history, 1);
+  ExactTurn("corrupt", &history, 2);
+  router_.reset();
+  worker_.reset();
+  {
+    // Flip bytes in the stored state chunk behind the store's back.
+    store::RocksDbShardOptions options;
+    options.dir = data_dir_ + "/store";
+    absl::StatusOr<std::unique_ptr<store::RocksDbShard>> shard = store::RocksDbShard::Open(options);
+    ASSERT_TRUE(shard.ok()) << shard.status();
+    int flipped = 0;
+    std::vector<store::WriteOp> ops;
+    ASSERT_TRUE((*shard)
+                    ->Scan(kls::v1::COLUMN_FAMILY_STATE, "corrupt/", "", 0, false,
+                           [&](std::string_view key, std::string_view value) {
+                             std::string bad(value);
+                             bad[bad.size() / 2] ^= 0x5a;
+                             ops.push_back({kls::v1::COLUMN_FAMILY_STATE, std::string(key), false,
+                                            std::move(bad)});
+                             ++flipped;
+                             return true;
+                           })
+                    .ok());
+    ASSERT_GT(flipped, 0);
+    store::WriteBatchSpec batch;
+    batch.ops = std::move(ops);
+    ASSERT_TRUE((*shard)->Write(batch).ok());
+  }
+  worker::WorkerOptions options;
+  options.data_dir = data_dir_;
+  worker_ = StartWorker(options);
+  router_ = StartRouter({worker_->address});
+  client_ = router_->client.get();
+  TurnResult rebuilt = ExactTurn("corrupt", &history, 3);
+  EXPECT_TRUE(rebuilt.final.timings().rebuilt());
+  EXPECT_EQ(rebuilt.final.version(), 3u);
+  // The rebuilt state was committed: the next turn restores normally.
+  EXPECT_EQ(ExactTurn("corrupt", &history, 4).final.version(), 4u);
+}
+
+TEST_F(SessionsTest, SnapshotOfAnotherModelIsRefused) {
+  ASSERT_TRUE(CreateSession(client_, "model-a").ok());
+  std::vector<int32_t> history;
+  ExactTurn("model-a", &history, 1);
+  router_.reset();
+  worker_.reset();
+  worker::WorkerOptions options;
+  options.data_dir = data_dir_;
+  options.model_dir = WriteModel("tiny", 8);  // same shapes, other weights
+  worker_ = StartWorker(options);
+  router_ = StartRouter({worker_->address});
+  TurnResult refused =
+      RunTurn(router_->client.get(), TokensTurn("model-a", InputTokens(5, 2), kTurnTokens));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(refused.status.error_message().find("model"), std::string::npos);
+}
+
+TEST_F(SessionsTest, ThirtyTwoConcurrentSessionsThreeTurnsEach) {
+  constexpr int kSessions = 32;
+  std::vector<std::vector<int32_t>> histories(kSessions);
+  std::vector<std::vector<std::vector<int32_t>>> outputs(kSessions);
+  std::vector<std::string> errors(kSessions);
+  std::vector<std::thread> threads;
+  for (int s = 0; s < kSessions; ++s) {
+    threads.emplace_back([&, s] {
+      const std::string id = "c" + std::to_string(s);
+      if (!CreateSession(client_, id).ok()) {
+        errors[s] = "create failed";
+        return;
+      }
+      for (int t = 0; t < 3; ++t) {
+        const std::vector<int32_t> input = InputTokens(4 + (s + t) % 5, 1000 + s * 10 + t);
+        TurnResult turn = RunTurn(client_, TokensTurn(id, input, kTurnTokens));
+        if (!turn.status.ok() || turn.final.version() != static_cast<uint64_t>(t + 1)) {
+          errors[s] = turn.status.error_message();
+          return;
+        }
+        histories[s].insert(histories[s].end(), input.begin(), input.end());
+        outputs[s].push_back(turn.tokens);
+        histories[s].insert(histories[s].end(), turn.tokens.begin(), turn.tokens.end());
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int s = 0; s < kSessions; ++s) {
+    ASSERT_EQ(errors[s], "") << "session " << s;
+    // Check every turn against its uninterrupted run.
+    std::vector<int32_t> prefix;
+    size_t offset = 0;
+    for (int t = 0; t < 3; ++t) {
+      const size_t input_len = 4 + (s + t) % 5;
+      prefix.assign(histories[s].begin(), histories[s].begin() + offset + input_len);
+      EXPECT_EQ(outputs[s][t], UninterruptedRun(prefix, kTurnTokens)) << "session " << s;
+      offset += input_len + kTurnTokens;
+    }
+  }
+}
+
+TEST_F(SessionsTest, BadInputGetsTheRightCodeAndTheServerKeepsServing) {
+  ASSERT_TRUE(CreateSession(client_, "ok").ok());
+  auto expect_code = [&](kls::v1::GenerateRequest request, grpc::StatusCode code,
+                         const std::string& needle) {
+    TurnResult r = RunTurn(client_, request);
+    EXPECT_EQ(r.status.error_code(), code) << needle << ": " << r.status.error_message();
+    EXPECT_NE(r.status.error_message().find(needle), std::string::npos)
+        << r.status.error_message();
+  };
+  expect_code(TokensTurn("nope", {65}, 4), grpc::StatusCode::NOT_FOUND, "nope");
+  expect_code(TokensTurn("ok", {}, 4), grpc::StatusCode::INVALID_ARGUMENT, "empty");
+  expect_code(TokensTurn("ok", std::vector<int32_t>(70000, 65), 4),
+              grpc::StatusCode::INVALID_ARGUMENT, "context limit");
+  expect_code(TokensTurn("ok", {100000}, 4), grpc::StatusCode::INVALID_ARGUMENT, "vocabulary");
+  // Invalid UTF-8 in a proto3 string field never reaches kls: protobuf's parser refuses the
+  // message on the wire (ValidateGenerateRequest's own check is unit-tested). It must still
+  // fail cleanly and change nothing.
+  kls::v1::GenerateRequest utf8 = TokensTurn("ok", {}, 4);
+  kls::v1::Message* m = utf8.add_messages();
+  m->set_role("user");
+  m->set_content(std::string("bad \xff\xfe bytes"));
+  EXPECT_FALSE(RunTurn(client_, utf8).status.ok());
+  kls::v1::GenerateRequest role = TokensTurn("ok", {}, 4);
+  m = role.add_messages();
+  m->set_role("wizard");
+  m->set_content("hi");
+  expect_code(role, grpc::StatusCode::INVALID_ARGUMENT, "role");
+  kls::v1::GenerateRequest request = TokensTurn("ok", {65}, 4);
+  request.mutable_sampling()->set_temperature(-1);
+  expect_code(request, grpc::StatusCode::INVALID_ARGUMENT, "temperature");
+  request = TokensTurn("ok", {65}, 4);
+  request.mutable_sampling()->set_top_p(std::numeric_limits<float>::quiet_NaN());
+  expect_code(request, grpc::StatusCode::INVALID_ARGUMENT, "top_p");
+  request = TokensTurn("ok", {65}, 4);
+  request.mutable_sampling()->set_top_k(-3);
+  expect_code(request, grpc::StatusCode::INVALID_ARGUMENT, "top_k");
+  expect_code(TokensTurn("ok", {65}, 0), grpc::StatusCode::INVALID_ARGUMENT, "max_tokens");
+  expect_code(TokensTurn("ok", {65}, -5), grpc::StatusCode::INVALID_ARGUMENT, "max_tokens");
+  expect_code(TokensTurn("ok", {65}, 1 << 30), grpc::StatusCode::INVALID_ARGUMENT, "max_tokens");
+  expect_code(TokensTurn("bad id!", {65}, 4), grpc::StatusCode::INVALID_ARGUMENT, "session_id");
+  // Nothing changed, and a good turn still works.
+  EXPECT_EQ(Get("ok").version(), 0u);
+  std::vector<int32_t> history;
+  EXPECT_EQ(ExactTurn("ok", &history, 1).final.version(), 1u);
+  // Unknown sessions in the other RPCs.
+  grpc::ClientContext context;
+  kls::v1::GetSessionRequest get;
+  get.set_session_id("missing");
+  kls::v1::Session session;
+  EXPECT_EQ(client_->GetSession(&context, get, &session).error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(SessionsTest, ListAndDeleteSessions) {
+  for (const char* id : {"b", "a", "c"}) ASSERT_TRUE(CreateSession(client_, id).ok());
+  EXPECT_EQ(CreateSession(client_, "a").status().code(), absl::StatusCode::kAlreadyExists);
+  grpc::ClientContext list_context;
+  kls::v1::ListSessionsRequest list;
+  kls::v1::ListSessionsResponse listed;
+  ASSERT_TRUE(client_->ListSessions(&list_context, list, &listed).ok());
+  ASSERT_EQ(listed.sessions_size(), 3);
+  EXPECT_EQ(listed.sessions(0).session_id(), "a");
+  grpc::ClientContext delete_context;
+  kls::v1::DeleteSessionRequest del;
+  del.set_session_id("b");
+  kls::v1::DeleteSessionResponse deleted;
+  ASSERT_TRUE(client_->DeleteSession(&delete_context, del, &deleted).ok());
+  TurnResult gone = RunTurn(client_, TokensTurn("b", {65}, 2));
+  EXPECT_EQ(gone.status.error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+// Two workers over two remote store shards: the worker holding a session goes away and the
+// next turn restores on the other one, exactly.
+TEST(MultiWorkerTest, NextTurnRestoresOnTheOtherWorker) {
+  std::vector<std::unique_ptr<ServedStoreShard>> shards;
+  std::vector<std::string> shard_addresses;
+  for (int i = 0; i < 2; ++i) {
+    auto served = std::make_unique<ServedStoreShard>();
+    store::RocksDbShardOptions options;
+    options.dir = ScratchDir() + "/shard" + std::to_string(i);
+    absl::StatusOr<std::unique_ptr<store::RocksDbShard>> shard = store::RocksDbShard::Open(options);
+    ASSERT_TRUE(shard.ok()) << shard.status();
+    served->shard = *std::move(shard);
+    served->service = std::make_unique<store::StateStoreService>(served->shard.get(),
+                                                                 store::StateStoreServiceOptions());
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(served->service.get());
+    served->server = builder.BuildAndStart();
+    served->address = "127.0.0.1:" + std::to_string(port);
+    shard_addresses.push_back(served->address);
+    shards.push_back(std::move(served));
+  }
+  std::vector<std::unique_ptr<ServedWorker>> workers;
+  std::vector<std::string> worker_addresses;
+  for (int i = 0; i < 2; ++i) {
+    worker::WorkerOptions options;
+    options.store_targets = shard_addresses;
+    workers.push_back(StartWorker(options));
+    ASSERT_NE(workers.back(), nullptr);
+    worker_addresses.push_back(workers.back()->address);
+  }
+  std::unique_ptr<ServedRouter> router = StartRouter(worker_addresses);
+  ASSERT_TRUE(CreateSession(router->client.get(), "moving").ok());
+  std::vector<int32_t> history;
+  for (uint64_t t = 1; t <= 2; ++t) {
+    const std::vector<int32_t> input = InputTokens(7, t);
+    TurnResult turn = RunTurn(router->client.get(), TokensTurn("moving", input, kTurnTokens));
+    ASSERT_TRUE(turn.status.ok()) << turn.status.error_message();
+    history.insert(history.end(), input.begin(), input.end());
+    history.insert(history.end(), turn.tokens.begin(), turn.tokens.end());
+  }
+  // Stop whichever worker holds the session (the other one has never seen it).
+  int holder = -1;
+  for (int i = 0; i < 2; ++i) {
+    if (workers[i]->worker->engine().GetLoad().hot_sessions() > 0) holder = i;
+  }
+  ASSERT_GE(holder, 0);
+  workers[holder]->Stop();
+  for (uint64_t t = 3; t <= 4; ++t) {
+    const std::vector<int32_t> input = InputTokens(7, t);
+    TurnResult turn = RunTurn(router->client.get(), TokensTurn("moving", input, kTurnTokens));
+    ASSERT_TRUE(turn.status.ok()) << turn.status.error_message();
+    history.insert(history.end(), input.begin(), input.end());
+    EXPECT_EQ(turn.tokens, UninterruptedRun(history, kTurnTokens));
+    if (t == 3) {
+      EXPECT_TRUE(turn.final.timings().restored());
+    }
+    history.insert(history.end(), turn.tokens.begin(), turn.tokens.end());
+  }
+}
+
+}  // namespace
+}  // namespace kls::testing
