@@ -346,6 +346,43 @@ TEST_F(SessionsTest, ListAndDeleteSessions) {
   EXPECT_EQ(gone.status.error_code(), grpc::StatusCode::NOT_FOUND);
 }
 
+// With a hot budget too small for one session, every idle session is evicted (written back
+// first when dirty) and every turn restores from the store — still exactly.
+TEST(EvictionTest, SessionsEvictedUnderTheBudgetRestoreExactly) {
+  worker::WorkerOptions options;
+  options.data_dir = ScratchDir();
+  options.engine.hot_budget_bytes = 1;
+  std::unique_ptr<ServedWorker> worker = StartWorker(options);
+  ASSERT_NE(worker, nullptr);
+  std::unique_ptr<ServedRouter> router = StartRouter({worker->address});
+  std::vector<std::vector<int32_t>> histories(3);
+  for (int turn = 1; turn <= 3; ++turn) {
+    for (int s = 0; s < 3; ++s) {
+      const std::string id = "evict" + std::to_string(s);
+      if (turn == 1) {
+        ASSERT_TRUE(CreateSession(router->client.get(), id).ok());
+      }
+      const std::vector<int32_t> input = InputTokens(6, 100 * s + turn);
+      kls::v1::GenerateRequest request = TokensTurn(id, input, kTurnTokens);
+      // NONE turns are written back when evicted; the next turn must still see them.
+      if (turn == 2) request.set_commit(kls::v1::COMMIT_POLICY_NONE);
+      TurnResult result = RunTurn(router->client.get(), request);
+      ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+      histories[s].insert(histories[s].end(), input.begin(), input.end());
+      EXPECT_EQ(result.tokens, UninterruptedRun(histories[s], kTurnTokens));
+      histories[s].insert(histories[s].end(), result.tokens.begin(), result.tokens.end());
+      if (turn > 1) {
+        EXPECT_TRUE(result.final.timings().restored()) << "turn " << turn;
+      }
+      // Let the write-back of a NONE turn land before the next session's turn.
+      const absl::Time deadline = absl::Now() + absl::Seconds(10);
+      while (worker->worker->engine().GetLoad().hot_sessions() > 0 && absl::Now() < deadline) {
+        absl::SleepFor(absl::Milliseconds(5));
+      }
+    }
+  }
+}
+
 // Two workers over two remote store shards: the worker holding a session goes away and the
 // next turn restores on the other one, exactly.
 TEST(MultiWorkerTest, NextTurnRestoresOnTheOtherWorker) {
