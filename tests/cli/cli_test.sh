@@ -72,5 +72,33 @@ expect_error "missing tokenizer" 1 "tokenizer_config.json" -- "$kls" generate --
 cp -r "$model" "$work/trunc" && truncate -s 1000 "$work/trunc/model.safetensors"
 expect_error "truncated weights" 1 "model.safetensors" -- "$kls" generate --model "$work/trunc" --prompt hi
 
+# The served path: kls serve, then kls chat (piped) and kls sessions against it.
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+addr=127.0.0.1:$port
+"$kls" serve --model "$model" --data-dir "$work/data" --listen "$addr" 2>"$work/serve.log" &
+serve_pid=$!
+ready=0
+for _ in $(seq 1 300); do
+  if "$kls" sessions ls --target "$addr" >/dev/null 2>&1; then ready=1; break; fi
+  sleep 0.1
+done
+if [ "$ready" -eq 1 ]; then
+  pass
+  printf 'hello\n/session\n/fork branch\n/history\nsecond turn\n' |
+    "$kls" chat --target "$addr" --temperature 0 --max-tokens 4 >"$work/chat.out" 2>"$work/chat.err" \
+    && pass || fail "kls chat: $(cat "$work/chat.err")"
+  grep -q 'branch' "$work/chat.out" "$work/chat.err" && pass || fail "chat /fork did not report the branch"
+  grep -qF 'hello' "$work/chat.out" && pass || fail "chat /history lacks the first message"
+  "$kls" sessions ls --target "$addr" >"$work/ls.out" 2>&1 && grep -q 'branch' "$work/ls.out" \
+    && pass || fail "sessions ls: $(cat "$work/ls.out")"
+  "$kls" sessions show branch --target "$addr" >/dev/null 2>&1 && pass || fail "sessions show"
+  "$kls" sessions rm branch --target "$addr" >/dev/null 2>&1 && pass || fail "sessions rm"
+  expect_error "show deleted" 1 "NOT_FOUND" -- "$kls" sessions show branch --target "$addr"
+else
+  fail "kls serve did not come up: $(tail -5 "$work/serve.log")"
+fi
+kill -TERM "$serve_pid" 2>/dev/null
+wait "$serve_pid" && pass || fail "kls serve did not exit 0 on SIGTERM: $(tail -5 "$work/serve.log")"
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
