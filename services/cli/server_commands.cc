@@ -9,9 +9,9 @@
 
 #include <cstdio>
 #include <filesystem>
-#include <system_error>
 #include <memory>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "absl/strings/str_split.h"
@@ -44,6 +44,12 @@ int WaitForSignal() {
   int signal = 0;
   sigwait(&set, &signal);
   return signal;
+}
+
+// Prints the error and returns the exit code.
+int Fail(const absl::Status& status, int code) {
+  std::fprintf(stderr, "error: %s\n", std::string(status.message()).c_str());
+  return code;
 }
 
 std::vector<std::string> SplitList(const std::string& s) {
@@ -155,8 +161,7 @@ std::function<int()> AddServeCommand(CLI::App& app) {
     BlockTerminationSignals();
     absl::StatusOr<std::unique_ptr<worker::Worker>> worker = MakeWorker(*flags);
     if (!worker.ok()) {
-      std::fprintf(stderr, "error: %s\n", std::string(worker.status().message()).c_str());
-      return 1;
+      return Fail(worker.status(), 1);
     }
     // The worker is reached through an in-process channel: no port, no TCP.
     int unused = 0;
@@ -170,8 +175,7 @@ std::function<int()> AddServeCommand(CLI::App& app) {
     router_options.api_keys_file = *api_keys;
     absl::StatusOr<std::unique_ptr<router::Router>> router = router::Router::Create(router_options);
     if (!router.ok()) {
-      std::fprintf(stderr, "error: %s\n", std::string(router.status().message()).c_str());
-      return 2;
+      return Fail(router.status(), 2);
     }
     int port = 0;
     std::unique_ptr<grpc::Server> server = BuildServer(*listen, {(*router)->service()}, &port);
@@ -202,8 +206,7 @@ std::function<int()> AddWorkerCommand(CLI::App& app) {
     BlockTerminationSignals();
     absl::StatusOr<std::unique_ptr<worker::Worker>> worker = MakeWorker(*flags);
     if (!worker.ok()) {
-      std::fprintf(stderr, "error: %s\n", std::string(worker.status().message()).c_str());
-      return 1;
+      return Fail(worker.status(), 1);
     }
     int port = 0;
     std::unique_ptr<grpc::Server> server = BuildServer(*listen, {(*worker)->service()}, &port);
@@ -221,8 +224,7 @@ std::function<int()> AddRouterCommand(CLI::App& app) {
   auto workers = std::make_shared<std::string>();
   auto api_keys = std::make_shared<std::string>();
   cmd->add_option("--listen", *listen, "gRPC address of kls.v1.Sessions")->capture_default_str();
-  cmd->add_option("--workers", *workers,
-                  "Workers: HOST:PORT,... or dns:///NAME:PORT (re-resolved)")
+  cmd->add_option("--workers", *workers, "Workers: HOST:PORT,... or dns:///NAME:PORT (re-resolved)")
       ->required();
   cmd->add_option("--api-keys", *api_keys, "File of \"<key> <tenant>\" lines; none: open");
   return [listen, workers, api_keys]() -> int {
@@ -232,8 +234,7 @@ std::function<int()> AddRouterCommand(CLI::App& app) {
     options.api_keys_file = *api_keys;
     absl::StatusOr<std::unique_ptr<router::Router>> router = router::Router::Create(options);
     if (!router.ok()) {
-      std::fprintf(stderr, "error: %s\n", std::string(router.status().message()).c_str());
-      return 2;
+      return Fail(router.status(), 2);
     }
     int port = 0;
     std::unique_ptr<grpc::Server> server = BuildServer(*listen, {(*router)->service()}, &port);
@@ -265,8 +266,7 @@ std::function<int()> AddStoreCommand(CLI::App& app) {
     }
     absl::StatusOr<std::unique_ptr<store::RocksDbShard>> shard = store::RocksDbShard::Open(options);
     if (!shard.ok()) {
-      std::fprintf(stderr, "error: %s\n", std::string(shard.status().message()).c_str());
-      return 1;
+      return Fail(shard.status(), 1);
     }
     store::StateStoreService service(shard->get(), store::StateStoreServiceOptions());
     int port = 0;

@@ -347,6 +347,12 @@ class Engine::Impl {
     load.set_budget_bytes(options_.hot_budget_bytes);
     load.set_draining(draining_flag_.load());
     load.set_model_fingerprint(fingerprint_.ToHex());
+    load.set_turns_total(turns_.load());
+    load.set_restores_total(restores_.load());
+    load.set_rebuilds_total(rebuilds_.load());
+    load.set_evictions_total(evictions_.load());
+    load.set_commits_total(commits_ok_.load());
+    load.set_commit_failures_total(commit_failures_.load());
     return load;
   }
 
@@ -515,6 +521,7 @@ class Engine::Impl {
           Post([this, restored = std::move(restored), start, then = std::move(then)]() mutable {
             if (!restored.ok()) return then(restored.status(), 0, false);
             const bool rebuilt = restored->rebuilt;
+            restores_.fetch_add(1);
             HotSession* session = Install(std::move(restored->session));
             then(session, MsBetween(start, absl::Now()), rebuilt);
           });
@@ -905,6 +912,7 @@ class Engine::Impl {
             commit_start]() mutable {
         HotSession& s = *turn->session;
         if (!status.ok()) {
+          commit_failures_.fetch_add(1);
           KLS_LOG(WARNING) << "commit of session " << turn->params.session_id << " v"
                            << record.version() << " failed: " << status;
           Rollback(*turn);
@@ -1011,6 +1019,7 @@ class Engine::Impl {
         if (s == nullptr) return;
         s->writeback_scheduled = false;
         if (status.ok()) return MarkDurable(*s, record);
+        commit_failures_.fetch_add(1);
         KLS_LOG(WARNING) << "background commit of " << key << " v" << record.version()
                          << " failed: " << status;
         s->base = s->durable;
@@ -1145,7 +1154,8 @@ class Engine::Impl {
   std::atomic<uint32_t> active_count_{0}, queued_count_{0}, hot_count_{0};
   std::atomic<uint64_t> hot_bytes_{0};
   std::atomic<bool> idle_{true}, draining_flag_{false};
-  std::atomic<uint64_t> turns_{0}, rebuilds_{0}, evictions_{0}, commits_ok_{0};
+  std::atomic<uint64_t> turns_{0}, restores_{0}, rebuilds_{0}, evictions_{0}, commits_ok_{0},
+      commit_failures_{0};
 
   TaskPool io_;
   TaskPool commits_;

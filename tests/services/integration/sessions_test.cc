@@ -213,6 +213,7 @@ TEST_F(SessionsTest, CorruptStateChunkIsRebuiltFromTheTokenHistory) {
   client_ = router_->client.get();
   TurnResult rebuilt = ExactTurn("corrupt", &history, 3);
   EXPECT_TRUE(rebuilt.final.timings().rebuilt());
+  EXPECT_EQ(worker_->worker->engine().GetLoad().rebuilds_total(), 1u);
   EXPECT_EQ(rebuilt.final.version(), 3u);
   // The rebuilt state was committed: the next turn restores normally.
   EXPECT_EQ(ExactTurn("corrupt", &history, 4).final.version(), 4u);
