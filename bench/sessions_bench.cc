@@ -10,8 +10,8 @@
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
-#include <filesystem>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
@@ -70,8 +70,8 @@ std::unique_ptr<Served> Start(const std::string& model, const std::string& data_
   builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(s->router->service());
   s->router_server = builder.BuildAndStart();
-  s->client = kls::v1::Sessions::NewStub(grpc::CreateChannel(
-      "127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
+  s->client = kls::v1::Sessions::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
   return s;
 }
 
@@ -142,7 +142,8 @@ int Main(int argc, char** argv) {
       tokens = std::stoi(value);
     } else if (flag == "--sessions") {
       sessions.clear();
-      for (absl::string_view s : absl::StrSplit(value, ',')) sessions.push_back(std::stoi(std::string(s)));
+      for (absl::string_view s : absl::StrSplit(value, ','))
+        sessions.push_back(std::stoi(std::string(s)));
     } else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
@@ -191,7 +192,8 @@ int Main(int argc, char** argv) {
     std::unique_ptr<Served> s = Start(model, dir + "/b");
     if (s == nullptr) return 1;
     for (int n : sessions) {
-      for (int i = 0; i < n; ++i) Create(s->client.get(), "t" + std::to_string(n) + "_" + std::to_string(i));
+      for (int i = 0; i < n; ++i)
+        Create(s->client.get(), "t" + std::to_string(n) + "_" + std::to_string(i));
       std::vector<Turn> turns(n);
       std::vector<std::thread> threads;
       const auto t0 = std::chrono::steady_clock::now();
@@ -216,7 +218,8 @@ int Main(int argc, char** argv) {
           n, tokens, total, seconds, total / seconds);
     }
   }
-  std::fprintf(stderr, "\nresume at %zu tokens: hot %.2f ms, restored %.2f ms (restore %.2f ms), "
+  std::fprintf(stderr,
+               "\nresume at %zu tokens: hot %.2f ms, restored %.2f ms (restore %.2f ms), "
                "re-prefill %.2f ms -> %.1fx\n",
                history.size(), hot_ttft, restore_ttft, restore_ms, reprefill_ttft,
                reprefill_ttft / restore_ttft);

@@ -17,8 +17,8 @@ uint64_t RendezvousWeight(std::string_view key, std::string_view candidate) {
   return SplitMix64Mix(hasher.Finish().low);
 }
 
-std::vector<size_t> RendezvousRank(std::string_view key,
-                                   const std::vector<std::string>& candidates, size_t count) {
+std::vector<size_t> RendezvousRank(std::string_view key, const std::vector<std::string>& candidates,
+                                   size_t count) {
   std::vector<uint64_t> weights(candidates.size());
   for (size_t i = 0; i < candidates.size(); ++i) weights[i] = RendezvousWeight(key, candidates[i]);
   std::vector<size_t> order(candidates.size());

@@ -17,8 +17,8 @@ uint64_t RendezvousWeight(std::string_view key, std::string_view candidate);
 
 // Indices into `candidates` of the top `count` owners of `key`, best first (fewer if there are
 // fewer candidates). Ties (identical names) break by index.
-std::vector<size_t> RendezvousRank(std::string_view key,
-                                   const std::vector<std::string>& candidates, size_t count);
+std::vector<size_t> RendezvousRank(std::string_view key, const std::vector<std::string>& candidates,
+                                   size_t count);
 
 }  // namespace kls
 

@@ -131,8 +131,8 @@ struct ActiveTurn {
   std::vector<int32_t> generated;
   bool decoding = false;
   std::unique_ptr<engine::StreamingDecoder> decoder;
-  std::string text;       // all text so far (stop strings are searched here)
-  size_t text_sent = 0;   // bytes of `text` already streamed
+  std::string text;      // all text so far (stop strings are searched here)
+  size_t text_sent = 0;  // bytes of `text` already streamed
   kls::v1::FinishReason finish = kls::v1::FINISH_REASON_UNSPECIFIED;
   bool stop_string_hit = false;  // the text was cut at a stop string
   kls::v1::GenerateResponse final;
@@ -322,8 +322,8 @@ class Engine::Impl {
       }
       busy_.insert(source_key);
       busy_.insert(child_key);
-      auto finish = [this, source_key, child_key, done = std::move(done)](
-                        absl::StatusOr<kls::v1::Session> result) mutable {
+      auto finish = [this, source_key, child_key,
+                     done = std::move(done)](absl::StatusOr<kls::v1::Session> result) mutable {
         busy_.erase(source_key);
         busy_.erase(child_key);
         done(std::move(result));
@@ -495,18 +495,18 @@ class Engine::Impl {
           return then(stored.status(), 0, false);
         }
         if (stored->model_fingerprint() != fingerprint_bytes_) {
-          return then(absl::FailedPreconditionError(absl::StrCat(
-                          "session ", session_id, " was made by model ",
-                          HexOf(stored->model_fingerprint()), " but this worker serves model ",
-                          fingerprint_.ToHex())),
-                      0, false);
+          return then(
+              absl::FailedPreconditionError(absl::StrCat(
+                  "session ", session_id, " was made by model ", HexOf(stored->model_fingerprint()),
+                  " but this worker serves model ", fingerprint_.ToHex())),
+              0, false);
         }
         if (stored->format_version() != kRecordFormatVersion) {
-          return then(absl::FailedPreconditionError(absl::StrCat(
-                          "session ", session_id, " has record format version ",
-                          stored->format_version(), "; this worker reads version ",
-                          kRecordFormatVersion)),
-                      0, false);
+          return then(
+              absl::FailedPreconditionError(absl::StrCat(
+                  "session ", session_id, " has record format version ", stored->format_version(),
+                  "; this worker reads version ", kRecordFormatVersion)),
+              0, false);
         }
         HotSession* hot = Find(key);
         if (hot != nullptr && hot->Continues(*stored)) {
@@ -515,17 +515,17 @@ class Engine::Impl {
         }
         Drop(key);  // stale: another worker committed after this copy
         const absl::Time start = absl::Now();
-        io_.Schedule([this, key, stored = *std::move(stored), start,
-                      then = std::move(then)]() mutable {
-          absl::StatusOr<Restored> restored = Restore(key, std::move(stored));
-          Post([this, restored = std::move(restored), start, then = std::move(then)]() mutable {
-            if (!restored.ok()) return then(restored.status(), 0, false);
-            const bool rebuilt = restored->rebuilt;
-            restores_.fetch_add(1);
-            HotSession* session = Install(std::move(restored->session));
-            then(session, MsBetween(start, absl::Now()), rebuilt);
-          });
-        });
+        io_.Schedule(
+            [this, key, stored = *std::move(stored), start, then = std::move(then)]() mutable {
+              absl::StatusOr<Restored> restored = Restore(key, std::move(stored));
+              Post([this, restored = std::move(restored), start, then = std::move(then)]() mutable {
+                if (!restored.ok()) return then(restored.status(), 0, false);
+                const bool rebuilt = restored->rebuilt;
+                restores_.fetch_add(1);
+                HotSession* session = Install(std::move(restored->session));
+                then(session, MsBetween(start, absl::Now()), rebuilt);
+              });
+            });
       });
     });
   }
@@ -540,9 +540,9 @@ class Engine::Impl {
     absl::StatusOr<std::vector<int32_t>> history = store_->GetTokens(stored.session_id());
     if (!history.ok()) {
       // Without the history nothing can be rebuilt: the session is lost.
-      return absl::DataLossError(absl::StrCat("session ", stored.session_id(),
-                                              ": cannot read its token history: ",
-                                              history.status().message()));
+      return absl::DataLossError(
+          absl::StrCat("session ", stored.session_id(),
+                       ": cannot read its token history: ", history.status().message()));
     }
     session->history = *std::move(history);
     if (session->history.size() != stored.num_history_tokens() ||
@@ -581,11 +581,11 @@ class Engine::Impl {
     KLS_ASSIGN_OR_RETURN(
         std::vector<std::string> chunks,
         store_->GetStateChunks(stored.session_id(), stored.version(), stored.state_chunks()));
-    KLS_ASSIGN_OR_RETURN(int64_t position, engine::DecodeStateChunks(chunks, config_, fingerprint_,
-                                                                     &session->state));
+    KLS_ASSIGN_OR_RETURN(int64_t position,
+                         engine::DecodeStateChunks(chunks, config_, fingerprint_, &session->state));
     if (position != fed) {
-      return absl::DataLossError(absl::StrCat("state chunks hold ", position,
-                                              " tokens, the record says ", fed));
+      return absl::DataLossError(
+          absl::StrCat("state chunks hold ", position, " tokens, the record says ", fed));
     }
     const std::span<const int32_t> fed_tokens(session->history.data(), fed);
     std::vector<Hash128> hashes =
@@ -603,8 +603,7 @@ class Engine::Impl {
     if (!keys.empty()) {
       KLS_ASSIGN_OR_RETURN(std::vector<std::string> blocks, store_->GetBlocks(keys));
       for (const std::string& block : blocks) {
-        KLS_RETURN_IF_ERROR(
-            engine::DecodeMlaBlock(block, config_, fingerprint_, &session->state));
+        KLS_RETURN_IF_ERROR(engine::DecodeMlaBlock(block, config_, fingerprint_, &session->state));
       }
     }
     session->state.set_num_tokens(fed);
@@ -620,8 +619,7 @@ class Engine::Impl {
 
   void StartTurn(std::unique_ptr<ActiveTurn> turn) {
     if (draining_) {
-      return turn->sink->OnDone(absl::UnavailableError("worker is draining; turn not started"),
-                                {});
+      return turn->sink->OnDone(absl::UnavailableError("worker is draining; turn not started"), {});
     }
     if (busy_.contains(turn->key)) {
       return turn->sink->OnDone(Busy(turn->params.session_id), {});
@@ -657,11 +655,12 @@ class Engine::Impl {
     turn->prompt.insert(turn->prompt.end(), p.input.begin(), p.input.end());
     const int64_t context = session->state.num_tokens() + static_cast<int64_t>(turn->prompt.size());
     if (context >= config_.model_max_length) {
-      return FailTurn(std::move(turn),
-                      absl::InvalidArgumentError(absl::StrCat(
-                          "input of ", p.input.size(), " tokens brings session ", p.session_id,
-                          " to ", context, " tokens, leaving no room to generate within the "
-                          "context limit of ", config_.model_max_length, " tokens")));
+      return FailTurn(std::move(turn), absl::InvalidArgumentError(absl::StrCat(
+                                           "input of ", p.input.size(), " tokens brings session ",
+                                           p.session_id, " to ", context,
+                                           " tokens, leaving no room to generate within the "
+                                           "context limit of ",
+                                           config_.model_max_length, " tokens")));
     }
     turn->session = session;
     turn->kda_checkpoint = session->state.kda();
@@ -734,8 +733,8 @@ class Engine::Impl {
     int budget = options_.step_prefill_tokens;
     for (auto& turn : active_) {
       if (turn->decoding) {
-        batch.push_back({std::span<const int32_t>(&turn->generated.back(), 1),
-                         &turn->session->state});
+        batch.push_back(
+            {std::span<const int32_t>(&turn->generated.back(), 1), &turn->session->state});
         fed_counts.push_back(1);
         samples.push_back(true);
       } else {
@@ -766,14 +765,14 @@ class Engine::Impl {
       if (!samples[i]) continue;
       const std::span<const float> row(logits_.data() + i * vocab, vocab);
       if (!LogitsAreSamplable(row)) {
-        Abort(&turn, absl::InternalError(absl::StrCat(
-                         "the logits at position ", turn.session->state.num_tokens(),
-                         " contain NaN or no finite value")));
+        Abort(&turn, absl::InternalError(absl::StrCat("the logits at position ",
+                                                      turn.session->state.num_tokens(),
+                                                      " contain NaN or no finite value")));
         continue;
       }
-      const int32_t token = kernels::SampleReference(
-          row.data(), vocab, turn.params.sampler,
-          static_cast<uint64_t>(turn.session->state.num_tokens()));
+      const int32_t token =
+          kernels::SampleReference(row.data(), vocab, turn.params.sampler,
+                                   static_cast<uint64_t>(turn.session->state.num_tokens()));
       if (turn.generated.empty()) turn.first_token_time = absl::Now();
       turn.generated.push_back(token);
       turn.decoding = true;
@@ -810,8 +809,8 @@ class Engine::Impl {
       turn.text_sent = send_end;
     }
     turn.sink->OnTokens(std::span<const int32_t>(&token, 1), std::move(text));
-    const bool stop_token =
-        std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), token) != p.stop_token_ids.end();
+    const bool stop_token = std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), token) !=
+                            p.stop_token_ids.end();
     if (stop_token || stop_string) {
       turn.finish = kls::v1::FINISH_REASON_STOP;
     } else if (static_cast<int>(turn.generated.size()) >= p.max_tokens ||
@@ -905,28 +904,28 @@ class Engine::Impl {
       return FailTurn(std::move(turn), commit.status());
     }
     const absl::Time commit_start = absl::Now();
-    commits_.Schedule([this, commit = *std::move(commit), turn = std::move(turn),
-                       commit_start]() mutable {
-      absl::Status status = store_->Commit(commit);
-      Post([this, status, record = std::move(commit.record), turn = std::move(turn),
-            commit_start]() mutable {
-        HotSession& s = *turn->session;
-        if (!status.ok()) {
-          commit_failures_.fetch_add(1);
-          KLS_LOG(WARNING) << "commit of session " << turn->params.session_id << " v"
-                           << record.version() << " failed: " << status;
-          Rollback(*turn);
-          const std::string key = turn->key;
-          FailTurn(std::move(turn), status);
-          if (absl::IsAborted(status)) Drop(key);  // another worker owns the session now
-          return;
-        }
-        MarkDurable(s, record);
-        turn->final.mutable_timings()->set_commit_ms(MsBetween(commit_start, absl::Now()));
-        busy_.erase(turn->key);
-        turn->sink->OnDone(absl::OkStatus(), std::move(turn->final));
-      });
-    });
+    commits_.Schedule(
+        [this, commit = *std::move(commit), turn = std::move(turn), commit_start]() mutable {
+          absl::Status status = store_->Commit(commit);
+          Post([this, status, record = std::move(commit.record), turn = std::move(turn),
+                commit_start]() mutable {
+            HotSession& s = *turn->session;
+            if (!status.ok()) {
+              commit_failures_.fetch_add(1);
+              KLS_LOG(WARNING) << "commit of session " << turn->params.session_id << " v"
+                               << record.version() << " failed: " << status;
+              Rollback(*turn);
+              const std::string key = turn->key;
+              FailTurn(std::move(turn), status);
+              if (absl::IsAborted(status)) Drop(key);  // another worker owns the session now
+              return;
+            }
+            MarkDurable(s, record);
+            turn->final.mutable_timings()->set_commit_ms(MsBetween(commit_start, absl::Now()));
+            busy_.erase(turn->key);
+            turn->sink->OnDone(absl::OkStatus(), std::move(turn->final));
+          });
+        });
   }
 
   // ---- Commits -------------------------------------------------------------------------------
@@ -937,8 +936,7 @@ class Engine::Impl {
     store::CommitRequest c;
     c.record = s.record;
     if (s.base.has_value()) c.expected_version = s.base->version();
-    KLS_ASSIGN_OR_RETURN(c.state_chunks,
-                         engine::EncodeStateChunks(s.state, config_, fingerprint_));
+    KLS_ASSIGN_OR_RETURN(c.state_chunks, engine::EncodeStateChunks(s.state, config_, fingerprint_));
     c.record.set_state_chunks(s.record.num_fed_tokens() > 0 ? c.state_chunks.size() : 0);
     if (s.record.num_fed_tokens() == 0) c.state_chunks.clear();
 
@@ -949,8 +947,9 @@ class Engine::Impl {
     while (static_cast<int64_t>(s.full_block_hashes.size()) < fed / kBlock) {
       const size_t i = s.full_block_hashes.size();
       const Hash128 previous = i == 0 ? Hash128{} : s.full_block_hashes[i - 1];
-      s.full_block_hashes.push_back(engine::MlaBlockHash(
-          fingerprint_, engine::SnapshotDType::kFloat32, previous, tokens.subspan(i * kBlock, kBlock)));
+      s.full_block_hashes.push_back(engine::MlaBlockHash(fingerprint_,
+                                                         engine::SnapshotDType::kFloat32, previous,
+                                                         tokens.subspan(i * kBlock, kBlock)));
     }
     std::vector<Hash128> hashes = s.full_block_hashes;
     if (fed % kBlock != 0) {
@@ -1065,14 +1064,14 @@ class Engine::Impl {
   // A new session at `version` of `source` (0: its latest). The latest version copies the
   // KDA/conv state and shares the MLA blocks; an older one keeps only the token history prefix,
   // which the child's first turn prefills.
-  void Fork(const std::string& tenant, HotSession& source, const kls::v1::ForkSessionRequest& request,
-            Callback<kls::v1::Session> finish) {
+  void Fork(const std::string& tenant, HotSession& source,
+            const kls::v1::ForkSessionRequest& request, Callback<kls::v1::Session> finish) {
     const SessionRecord& sr = source.record;
     const uint64_t version = request.version() == 0 ? sr.version() : request.version();
     if (version > sr.version()) {
-      return finish(absl::InvalidArgumentError(absl::StrCat(
-          "version ", version, " of session ", sr.session_id(), " does not exist; latest is ",
-          sr.version())));
+      return finish(absl::InvalidArgumentError(
+          absl::StrCat("version ", version, " of session ", sr.session_id(),
+                       " does not exist; latest is ", sr.version())));
     }
     if (version >= static_cast<uint64_t>(sr.version_history_tokens_size())) {
       return finish(absl::FailedPreconditionError(absl::StrCat(
@@ -1092,7 +1091,8 @@ class Engine::Impl {
     r.set_update_time_ms(r.create_time_ms());
     r.set_ttl_seconds(request.ttl_seconds() != 0 ? request.ttl_seconds() : sr.ttl_seconds());
     *r.mutable_metadata() = request.metadata().empty() ? sr.metadata() : request.metadata();
-    for (uint64_t v = 0; v <= version; ++v) r.add_version_history_tokens(sr.version_history_tokens(v));
+    for (uint64_t v = 0; v <= version; ++v)
+      r.add_version_history_tokens(sr.version_history_tokens(v));
     if (version == sr.version()) {
       child->history = source.history;
       child->state = source.state;

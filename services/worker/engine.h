@@ -52,11 +52,11 @@ struct EngineOptions {
 struct TurnParams {
   std::string tenant;
   std::string session_id;
-  std::string request_id;                // empty: not idempotent
-  std::vector<int32_t> input;            // rendered input tokens, >= 1, all in the vocabulary
-  kernels::SamplerConfig sampler;        // validated; seed resolved
-  int max_tokens = 256;                  // >= 1
-  std::vector<int32_t> stop_token_ids;   // a sampled one ends the turn
+  std::string request_id;               // empty: not idempotent
+  std::vector<int32_t> input;           // rendered input tokens, >= 1, all in the vocabulary
+  kernels::SamplerConfig sampler;       // validated; seed resolved
+  int max_tokens = 256;                 // >= 1
+  std::vector<int32_t> stop_token_ids;  // a sampled one ends the turn
   std::vector<std::string> stop_strings;
   kls::v1::CommitPolicy commit = kls::v1::COMMIT_POLICY_SYNC;
   absl::Time enqueue_time;

@@ -33,9 +33,8 @@ void TaskPool::Loop() {
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
-          +[](TaskPool* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) {
-            return p->stop_ || !p->tasks_.empty();
-          },
+          +[](TaskPool* p)
+               ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) { return p->stop_ || !p->tasks_.empty(); },
           this));
       if (tasks_.empty()) return;  // stopping, and everything queued has run
       task = std::move(tasks_.front());

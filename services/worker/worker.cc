@@ -22,8 +22,8 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& opti
     std::error_code error;
     std::filesystem::create_directories(shard_options.dir, error);
     if (error) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "cannot create the data directory ", shard_options.dir, ": ", error.message()));
+      return absl::FailedPreconditionError(absl::StrCat("cannot create the data directory ",
+                                                        shard_options.dir, ": ", error.message()));
     }
     KLS_ASSIGN_OR_RETURN(std::unique_ptr<store::RocksDbShard> shard,
                          store::RocksDbShard::Open(shard_options));
@@ -48,8 +48,9 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& opti
                                                        std::move(backend), worker->store_.get()));
   worker->service_ = std::make_unique<WorkerService>(worker->engine_.get());
   if (options.gc_interval > absl::ZeroDuration()) {
-    worker->gc_thread_ = std::thread([w = worker.get(), interval = options.gc_interval,
-                                      grace = options.gc_block_grace] { w->GcLoop(interval, grace); });
+    worker->gc_thread_ =
+        std::thread([w = worker.get(), interval = options.gc_interval,
+                     grace = options.gc_block_grace] { w->GcLoop(interval, grace); });
   }
   return worker;
 }

@@ -4,12 +4,12 @@
 #ifndef KLS_SERVICES_WORKER_WORKER_H_
 #define KLS_SERVICES_WORKER_WORKER_H_
 
+#include <grpcpp/grpcpp.h>
+
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/notification.h"

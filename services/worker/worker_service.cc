@@ -213,8 +213,8 @@ absl::StatusOr<TurnParams> ValidateGenerateRequest(const kls::v1::WorkerGenerate
   }
   if (static_cast<int64_t>(p.input.size()) >= config.model_max_length) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "the input has ", p.input.size(), " tokens; the context limit is ",
-        config.model_max_length, " tokens including the session's history and the reply"));
+        "the input has ", p.input.size(), " tokens; the context limit is ", config.model_max_length,
+        " tokens including the session's history and the reply"));
   }
 
   // Sampling.
@@ -230,8 +230,7 @@ absl::StatusOr<TurnParams> ValidateGenerateRequest(const kls::v1::WorkerGenerate
         absl::StrCat("sampling.top_p must be in (0, 1], got ", p.sampler.top_p));
   }
   if (s.top_k() < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("sampling.top_k must be >= 0, got ", s.top_k()));
+    return absl::InvalidArgumentError(absl::StrCat("sampling.top_k must be >= 0, got ", s.top_k()));
   }
   p.sampler.top_k = s.top_k();
   p.sampler.seed = s.has_seed() ? s.seed() : RandomSeed();
@@ -247,9 +246,9 @@ absl::StatusOr<TurnParams> ValidateGenerateRequest(const kls::v1::WorkerGenerate
   for (int i = 0; i < s.stop_size(); ++i) {
     const std::string& stop = s.stop(i);
     if (stop.empty() || stop.size() > kMaxStopStringBytes || !IsValidUtf8(stop)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "sampling.stop[", i, "] must be non-empty valid UTF-8 of at most ",
-          kMaxStopStringBytes, " bytes"));
+      return absl::InvalidArgumentError(absl::StrCat("sampling.stop[", i,
+                                                     "] must be non-empty valid UTF-8 of at most ",
+                                                     kMaxStopStringBytes, " bytes"));
     }
     p.stop_strings.push_back(stop);
   }
@@ -300,8 +299,8 @@ grpc::ServerUnaryReactor* WorkerService::CreateSession(
   const kls::v1::CreateSessionRequest& r = request->request();
   absl::Status valid = ValidateSessionId(r.session_id());
   if (valid.ok() && r.ttl_seconds() < 0) {
-    valid = absl::InvalidArgumentError(
-        absl::StrCat("ttl_seconds must be >= 0, got ", r.ttl_seconds()));
+    valid =
+        absl::InvalidArgumentError(absl::StrCat("ttl_seconds must be >= 0, got ", r.ttl_seconds()));
   }
   std::vector<int32_t> system_tokens;
   if (valid.ok() && !r.system_prompt().empty()) {

@@ -4,8 +4,8 @@
 #ifndef KLS_TESTS_SERVICES_INTEGRATION_CLUSTER_H_
 #define KLS_TESTS_SERVICES_INTEGRATION_CLUSTER_H_
 
-#include <gtest/gtest.h>
 #include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
 
 #include <memory>
 #include <string>
@@ -155,8 +155,7 @@ inline absl::StatusOr<kls::v1::Session> CreateSession(kls::v1::Sessions::Stub* c
   kls::v1::Session session;
   grpc::Status status = client->CreateSession(&context, request, &session);
   if (!status.ok()) {
-    return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                        status.error_message());
+    return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
   }
   return session;
 }

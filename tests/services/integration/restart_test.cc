@@ -15,8 +15,8 @@
 #include <cstring>
 #include <thread>
 
-#include "grpc/health/v1/health.grpc.pb.h"
 #include "common/file_util.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "kls/v1/worker.grpc.pb.h"
 #include "tests/services/integration/cluster.h"
 
@@ -99,7 +99,8 @@ bool WaitHealthy(const std::string& address, absl::Duration timeout) {
 }
 
 std::unique_ptr<kls::v1::Sessions::Stub> Client(const std::string& address) {
-  return kls::v1::Sessions::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  return kls::v1::Sessions::NewStub(
+      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
 }
 
 // Runs a turn of fresh tokens and checks it against the uninterrupted run.
@@ -117,7 +118,7 @@ void ExactTurn(kls::v1::Sessions::Stub* client, const std::string& id,
 TEST(RestartTest, ServeKilledBetweenTurnsResumesExactly) {
   const std::string dir = ScratchDir();
   const std::string address = "127.0.0.1:" + std::to_string(FreePort());
-  const std::vector<std::string> args = {KlsBinary(), "serve", "--model", TinyModelDir(),
+  const std::vector<std::string> args = {KlsBinary(),  "serve",       "--model",  TinyModelDir(),
                                          "--data-dir", dir + "/data", "--listen", address};
   std::vector<int32_t> history;
   {
@@ -139,7 +140,7 @@ TEST(RestartTest, ServeKilledBetweenTurnsResumesExactly) {
 TEST(RestartTest, SigtermDrainsAndWritesBackEphemeralTurns) {
   const std::string dir = ScratchDir();
   const std::string address = "127.0.0.1:" + std::to_string(FreePort());
-  const std::vector<std::string> args = {KlsBinary(), "serve", "--model", TinyModelDir(),
+  const std::vector<std::string> args = {KlsBinary(),  "serve",       "--model",  TinyModelDir(),
                                          "--data-dir", dir + "/data", "--listen", address};
   std::vector<int32_t> history;
   {

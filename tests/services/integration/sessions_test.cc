@@ -283,8 +283,7 @@ TEST_F(SessionsTest, BadInputGetsTheRightCodeAndTheServerKeepsServing) {
                          const std::string& needle) {
     TurnResult r = RunTurn(client_, request);
     EXPECT_EQ(r.status.error_code(), code) << needle << ": " << r.status.error_message();
-    EXPECT_NE(r.status.error_message().find(needle), std::string::npos)
-        << r.status.error_message();
+    EXPECT_NE(r.status.error_message().find(needle), std::string::npos) << r.status.error_message();
   };
   expect_code(TokensTurn("nope", {65}, 4), grpc::StatusCode::NOT_FOUND, "nope");
   expect_code(TokensTurn("ok", {}, 4), grpc::StatusCode::INVALID_ARGUMENT, "empty");
