@@ -81,10 +81,12 @@ struct ServedRouter {
   }
 };
 
-inline std::unique_ptr<ServedRouter> StartRouter(const std::vector<std::string>& workers) {
+inline std::unique_ptr<ServedRouter> StartRouter(const std::vector<std::string>& workers,
+                                                 const std::string& api_keys_file = "") {
   auto served = std::make_unique<ServedRouter>();
   router::RouterOptions options;
   options.workers = workers;
+  options.api_keys_file = api_keys_file;
   options.health_interval = absl::Milliseconds(50);
   absl::StatusOr<std::unique_ptr<router::Router>> router = router::Router::Create(options);
   EXPECT_TRUE(router.ok()) << router.status();

@@ -7,6 +7,7 @@
 #include <limits>
 #include <thread>
 
+#include "common/file_util.h"
 #include "services/store/remote_shard.h"
 #include "tests/services/integration/cluster.h"
 
@@ -344,6 +345,58 @@ TEST_F(SessionsTest, ListAndDeleteSessions) {
   ASSERT_TRUE(client_->DeleteSession(&delete_context, del, &deleted).ok());
   TurnResult gone = RunTurn(client_, TokensTurn("b", {65}, 2));
   EXPECT_EQ(gone.status.error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+// With API keys, a session belongs to its tenant: another tenant sees NOT_FOUND for every
+// operation, exactly as if it did not exist, and may create its own session under the same id.
+TEST(TenantTest, AnotherTenantsSessionIsNotFound) {
+  const std::string dir = ScratchDir();
+  ASSERT_TRUE(WriteStringToFile(dir + "/keys", "key-a alice\nkey-b bob\n").ok());
+  worker::WorkerOptions options;
+  options.data_dir = dir;
+  std::unique_ptr<ServedWorker> worker = StartWorker(options);
+  ASSERT_NE(worker, nullptr);
+  std::unique_ptr<ServedRouter> router = StartRouter({worker->address}, dir + "/keys");
+  auto call = [&](const std::string& key, auto rpc) {
+    grpc::ClientContext context;
+    if (!key.empty()) context.AddMetadata("authorization", "Bearer " + key);
+    return rpc(&context);
+  };
+  kls::v1::CreateSessionRequest create;
+  create.set_session_id("shared-name");
+  kls::v1::Session session;
+  EXPECT_EQ(call("", [&](auto* c) { return router->client->CreateSession(c, create, &session); })
+                .error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  ASSERT_TRUE(call("key-a", [&](auto* c) {
+                return router->client->CreateSession(c, create, &session);
+              }).ok());
+  kls::v1::GetSessionRequest get;
+  get.set_session_id("shared-name");
+  EXPECT_EQ(call("key-b", [&](auto* c) { return router->client->GetSession(c, get, &session); })
+                .error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  kls::v1::DeleteSessionRequest del;
+  del.set_session_id("shared-name");
+  kls::v1::DeleteSessionResponse deleted;
+  EXPECT_EQ(call("key-b", [&](auto* c) { return router->client->DeleteSession(c, del, &deleted); })
+                .error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  {
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", "Bearer key-b");
+    auto reader = router->client->Generate(&context, TokensTurn("shared-name", {65}, 2));
+    kls::v1::GenerateResponse response;
+    while (reader->Read(&response)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  // Bob's own session of the same name is independent.
+  EXPECT_TRUE(call("key-b", [&](auto* c) {
+                return router->client->CreateSession(c, create, &session);
+              }).ok());
+  EXPECT_TRUE(
+      call("key-a", [&](auto* c) { return router->client->GetSession(c, get, &session); }).ok());
 }
 
 // With a hot budget too small for one session, every idle session is evicted (written back
