@@ -1116,16 +1116,23 @@ class Engine::Impl {
   void Evict() {
     int64_t bytes = 0;
     for (auto& [key, session] : hot_) bytes += session->state.ByteSize();
-    for (auto it = lru_.rbegin(); it != lru_.rend() && bytes > options_.hot_budget_bytes;) {
-      HotSession* s = *it++;
+    if (bytes <= options_.hot_budget_bytes) return;
+    // Pick the victims first: dropping a session erases its LRU node, which a reverse iterator
+    // over the list may still reference.
+    std::vector<std::string> victims;
+    for (auto it = lru_.rbegin(); it != lru_.rend() && bytes > options_.hot_budget_bytes; ++it) {
+      HotSession* s = *it;
       if (busy_.contains(s->key)) continue;
       if (s->dirty() || !s->durable.has_value() || s->base->version() != s->durable->version()) {
         ScheduleWriteback(*s);
         continue;
       }
       bytes -= s->state.ByteSize();
+      victims.push_back(s->key);
+    }
+    for (const std::string& key : victims) {
       evictions_.fetch_add(1);
-      Drop(s->key);
+      Drop(key);
     }
   }
 
