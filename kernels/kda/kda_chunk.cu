@@ -16,9 +16,12 @@
 //      - decay factors as running PRODUCTS of α (never exp of a difference, never a division):
 //        every factor is a product of numbers in [0, 1], so gates of −400 per step underflow to 0
 //        and nothing overflows. e^G, e^{G_last−G} and the sub-chunk anchors come out this way;
-//      - the diagonal 16×16 blocks of A and P pairwise in fp32 on the CUDA cores (warp task =
-//        one block and 8 of its columns; lane = 2 columns × 16 channels; e^{G_r − G_c} is the
-//        running product of α down the rows, then a shuffle reduction over channels);
+//      - the diagonal 16×16 blocks of A and P, each split at its row 8 (warp task = one block
+//        and one half): the two 8×8 pieces on the diagonal pairwise in fp32 on the CUDA cores
+//        (lane = 2 columns × 16 channels; e^{G_r − G_c} is the running product of α down the
+//        rows, then a shuffle reduction over channels), the lower-left 8×8 piece as an fp16
+//        tensor-core product anchored at row 8 (Π_{c<m≤8} α · Π_{8<m≤r} α, both ≤ 1; the two
+//        warps of a block take half the channels each and meet at a named barrier);
 //      - the off-diagonal blocks as fp16 tensor-core products of the anchored factors
 //        Q̃ = Q ⊙ e^{G−G_n}, K̃ = K ⊙ e^{G−G_n}, K̂ = K ⊙ e^{G_n−G} (n = first row of the row
 //        sub-chunk; both factors ≤ 1);
@@ -26,7 +29,7 @@
 //        block formula T_ij = −T_ii Σ_{m=j}^{i−1} A_im T_mj; M = T·Diag(β);
 //      - W = M (e^G ⊙ K) and U = M V on the tensor cores, V scaled by 2^−e_v first.
 //    It writes per (chunk, head): Qg = Q ⊙ e^G, Kg = K ⊙ e^{G_last−G}, W, U·2^−e_v, P (fp16,
-//    64 rows), γ = e^{G_last} (fp32) and e_v. Shared memory: 109 KB (K = 128), 67 KB (K = 64),
+//    64 rows), γ = e^{G_last} (fp32) and e_v. Shared memory: 109 KB (K = 128), 82 KB (K = 64),
 //    buffers reused across phases (see PrepareSmem).
 //
 // 3. State and output (KdaChunkStateKernel, one CTA of 256 threads per (sequence, head, tile of
@@ -38,7 +41,7 @@
 //    K = 128 that is 128 CTAs, one per SM; the chain over T/64 chunks is the critical path of
 //    long prefills. Shared memory: 146 KB (BV = 32) / 166 KB (BV = 64) at K = 128.
 //
-// Numerics. fp32: g, α, the norms, every decay factor, the diagonal blocks of A and P, T, the
+// Numerics. fp32: g, α, the norms, every decay factor, the 8×8 diagonal pieces of A and P, T, the
 // state and all accumulators. The tensor-core operands are fp16 (3 more mantissa bits than
 // bf16, same speed): Q̃, K̃, K̂, M, Kw, Qg, Kg, W, P are bounded by ~1 (normalized keys times
 // decays ≤ 1); the value side (V, U, S, Δ) is scaled by exact powers of two so that it fits

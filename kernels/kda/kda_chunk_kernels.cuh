@@ -95,7 +95,7 @@ struct PrepareArgs {
 // v arrive as bf16; everything the kernel writes into them is fp16):
 //   q     q → Q̃ (rows ≥ 16, in place) → M = T·Diag(β) ([64][kMStride])
 //   k     k → K̃ (rows ≥ 16, in place) → v → v·2^−e_v (in place)
-//   f     f → Kw = K ⊙ e^G
+//   f     f → phase D scratch (K = 128; after kEnd for K = 64) → Kw = K ⊙ e^G
 //   alpha α (fp32 [64][kAlphaStride]) → K̂ ([96][kKP]) → T (fp32 [64][kTStride])
 //   a     A (fp32, strictly lower); x: block temporaries of the inverse
 template <int K>
@@ -119,10 +119,19 @@ struct PrepareSmem {
   static constexpr int kFirst = kBeta + kChunk * 4;      // fp32 [4][K] α of each sub-chunk's row 0
   static constexpr int kPex = kFirst + 4 * K * 4;        // fp32 [4][K] product of rows 1..15
   static constexpr int kVmax = kPex + 4 * K * 4;         // fp32 [8] per-warp max |v|
-  static constexpr int kBytes = kVmax + 8 * 4;
+  static constexpr int kEnd = kVmax + 8 * 4;
+  // Per-warp scratch of phase D's tensor-core piece: fp16 [24][kScrStride] (an 80-byte row
+  // stride keeps ldmatrix conflict-free). It lives in the f region (raw f is dead after α,
+  // Kw is written only in phase 2b) when that is large enough, else after kEnd.
+  static constexpr int kScrStride = 40;
+  static constexpr int kScrBytes = 24 * kScrStride * 2;
+  static constexpr bool kScrInF = 8 * kScrBytes <= kTileBytes;
+  static constexpr int kScr = kScrInF ? kF : kEnd;
+  static constexpr int kBytes = kScrInF ? kEnd : kEnd + 8 * kScrBytes;
   static_assert(96 * kKP * 2 <= kAlphaBytes, "K^ must fit in the alpha region");
   static_assert(kChunk * kTStride * 4 <= kAlphaBytes, "T must fit in the alpha region");
   static_assert(kChunk * kMStride * 2 <= kTileBytes, "M must fit in the q region");
+  static_assert(kF % 16 == 0 && kEnd % 16 == 0 && kScrBytes % 16 == 0, "16-byte alignment");
 };
 
 // e such that m·2^−e < 1/4 for m ≥ 0 (the v-side scale of the fp16 operands); 0 when m is 0 or
@@ -272,98 +281,159 @@ __global__ void __launch_bounds__(kThreads, 2) KdaChunkPrepareKernel(const Prepa
   }
   __syncthreads();
 
-  // ---- Phase D: diagonal 16×16 blocks of A and P, pairwise in fp32.
-  // Warp w: sub-chunk j = w / 2, columns 8·half .. 8·half + 7 (half = w % 2), rows 8·half..15.
-  // Lane (ci = lane % 4, dg = lane / 4): columns c0 = 8·half + 2·ci and c0 + 1, channels
-  // {4·dg + 32·m + e}. For column c the running product y = k_c · Π_{m=c+1}^{r} α_m gives
-  // Σ_d k_r,d y and Σ_d q_r,d y; indices: acc[32·col + 16·(is P) + r].
+  // ---- Phase D: diagonal 16×16 blocks of A and P. Each block is split at its row 8:
+  //   - the two 8×8 pieces on the diagonal (rows and columns 0..7, and 8..15) pairwise in fp32;
+  //   - the lower-left 8×8 piece (rows 8..15, columns 0..7) as an fp16 tensor-core product
+  //     anchored at row 8: e^{G_r − G_c} = Π_{c<m≤8} α_m · Π_{8<m≤r} α_m, both factors ≤ 1.
+  // Warp w: sub-chunk j = w / 2, half = w % 2 (rows and columns 8·half .. 8·half + 7).
   {
     const int j = warp >> 1, half = warp & 1;
-    const int ci = lane & 3, dg = lane >> 2;
-    const int c0 = 8 * half + 2 * ci, c1 = c0 + 1;
-    float acc[64];
+    // Pairwise piece. Lane (ci = lane % 4, dg = lane / 4): local columns cl = 2·ci and cl + 1 of
+    // the half, channels {4·dg + 32·m + e}. For column c the running product
+    // y = k_c · Π_{m=c+1}^{r} α_m gives Σ_d k_r,d y and Σ_d q_r,d y; acc[16·col + 8·(is P) + rr]
+    // with rr = r − 8·half.
+    {
+      const int ci = lane & 3, dg = lane >> 2;
+      const int cl = 2 * ci;
+      float acc[32];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+      for (int i = 0; i < 32; ++i) acc[i] = 0.f;
 #pragma unroll 1
-    for (int m = 0; m < K / 32; ++m) {
-      const int d0 = 4 * dg + 32 * m;
-      float y0[4] = {0.f, 0.f, 0.f, 0.f}, y1[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int m = 0; m < K / 32; ++m) {
+        const int d0 = 4 * dg + 32 * m;
+        float y0[4] = {0.f, 0.f, 0.f, 0.f}, y1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int r = 0; r < kSubChunk; ++r) {
-        if (r < 8 * half) continue;  // warp-uniform: rows above every column of this task
+        for (int rr = 0; rr < 8; ++rr) {
+          const int row = kSubChunk * j + 8 * half + rr;
+          const float4 al = *reinterpret_cast<const float4*>(alpha + row * kAS + d0);
+          const uint2 kr = *reinterpret_cast<const uint2*>(ks + row * kKP + d0);
+          const uint2 qr = *reinterpret_cast<const uint2*>(qs + row * kKP + d0);
+          const float2 k01 = UnpackBf16x2(kr.x), k23 = UnpackBf16x2(kr.y);
+          const float2 q01 = UnpackBf16x2(qr.x), q23 = UnpackBf16x2(qr.y);
+          const float kv[4] = {k01.x, k01.y, k23.x, k23.y};
+          const float qv[4] = {q01.x, q01.y, q23.x, q23.y};
+          const float av[4] = {al.x, al.y, al.z, al.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {  // y stays 0 on the rows above its column
+            y0[e] = rr == cl ? kv[e] : y0[e] * av[e];
+            y1[e] = rr == cl + 1 ? kv[e] : y1[e] * av[e];
+          }
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            acc[rr] = fmaf(kv[e], y0[e], acc[rr]);
+            acc[8 + rr] = fmaf(qv[e], y0[e], acc[8 + rr]);
+            acc[16 + rr] = fmaf(kv[e], y1[e], acc[16 + rr]);
+            acc[24 + rr] = fmaf(qv[e], y1[e], acc[24 + rr]);
+          }
+        }
+      }
+      // Sum over the 8 lanes of a column pair (lane bits 2..4) by recursive halving: after the
+      // three steps lane (b4 b3 b2) holds the totals of acc indices 16·b4 + 8·b3 + 4·b2 + i.
+      {
+        const bool up = (lane & 16) != 0;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const float send = up ? acc[i] : acc[i + 16];
+          const float keep = up ? acc[i + 16] : acc[i];
+          acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+        }
+      }
+      {
+        const bool up = (lane & 8) != 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float send = up ? acc[i] : acc[i + 8];
+          const float keep = up ? acc[i + 8] : acc[i];
+          acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+        }
+      }
+      {
+        const bool up = (lane & 4) != 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float send = up ? acc[i] : acc[i + 4];
+          const float keep = up ? acc[i + 4] : acc[i];
+          acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+        }
+      }
+      const int col = 8 * half + cl + ((lane & 16) ? 1 : 0);  // within the block
+      const bool is_p = (lane & 8) != 0;
+      const int r_base = 8 * half + ((lane & 4) ? 4 : 0);
+      const int ccol = kSubChunk * j + col;
+      const float rk_c = rsk[ccol];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = r_base + i;
         const int row = kSubChunk * j + r;
-        const float4 al = *reinterpret_cast<const float4*>(alpha + row * kAS + d0);
-        const uint2 kr = *reinterpret_cast<const uint2*>(ks + row * kKP + d0);
-        const uint2 qr = *reinterpret_cast<const uint2*>(qs + row * kKP + d0);
-        const float2 k01 = UnpackBf16x2(kr.x), k23 = UnpackBf16x2(kr.y);
-        const float2 q01 = UnpackBf16x2(qr.x), q23 = UnpackBf16x2(qr.y);
-        const float kv[4] = {k01.x, k01.y, k23.x, k23.y};
-        const float qv[4] = {q01.x, q01.y, q23.x, q23.y};
-        const float av[4] = {al.x, al.y, al.z, al.w};
-        if (r < 8 * half + 8) {  // r may be one of this lane's columns
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            y0[e] = r == c0 ? kv[e] : y0[e] * av[e];
-            y1[e] = r == c1 ? kv[e] : y1[e] * av[e];
-          }
+        if (is_p) {
+          p_out[row * kChunk + ccol] = __float2half_rn(r >= col ? rsq[row] * rk_c * acc[i] : 0.f);
         } else {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            y0[e] *= av[e];
-            y1[e] *= av[e];
-          }
-        }
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          acc[r] = fmaf(kv[e], y0[e], acc[r]);
-          acc[16 + r] = fmaf(qv[e], y0[e], acc[16 + r]);
-          acc[32 + r] = fmaf(kv[e], y1[e], acc[32 + r]);
-          acc[48 + r] = fmaf(qv[e], y1[e], acc[48 + r]);
+          as[row * kAP + ccol] = r > col ? beta[row] * rsk[row] * rk_c * acc[i] : 0.f;
         }
       }
     }
-    // Sum over the 8 lanes of a column pair (lane bits 2..4) by recursive halving: after the
-    // three steps lane (b4 b3 b2) holds the totals of acc indices 32·b4 + 16·b3 + 8·b2 + i.
+
+    // Lower-left piece on the tensor cores; warp half h takes channels [h·K/2, (h+1)·K/2) in
+    // steps of 32 (lane = channel), then half 1 hands its partial sums to half 0 through the
+    // scratch and a named barrier. Scratch rows (fp16, normalized q, k): 0..7 K̃' = k̂_r·Π_{8<m≤r}
+    // α_m and 8..15 Q̃' = q̂_r·Π_{8<m≤r} α_m (r = 8..15), 16..23 K̂' = k̂_c·Π_{c<m≤8} α_m
+    // (c = 0..7). MMA rows 0..7 give A (before β), rows 8..15 give P.
     {
-      const bool up = (lane & 16) != 0;
+      constexpr int kSL = L::kScrStride;
+      f16* const scr = reinterpret_cast<f16*>(smem + L::kScr + warp * L::kScrBytes);
+      const int base = kSubChunk * j;
+      float pacc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 1
+      for (int s = 0; s < K / 64; ++s) {
+        const int d = half * (K / 2) + 32 * s + lane;
+        float av[kSubChunk], kv[kSubChunk];
 #pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        const float send = up ? acc[i] : acc[i + 32];
-        const float keep = up ? acc[i + 32] : acc[i];
-        acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+        for (int r = 0; r < kSubChunk; ++r) {
+          av[r] = r > 0 ? alpha[(base + r) * kAS + d] : 1.f;
+          kv[r] = Bf16ToFloat(ks[(base + r) * kKP + d]) * rsk[base + r];
+        }
+        float a = 1.f;
+#pragma unroll
+        for (int rr = 0; rr < 8; ++rr) {
+          const int r = 8 + rr;
+          if (rr > 0) a *= av[r];
+          const float qv = Bf16ToFloat(qs[(base + r) * kKP + d]) * rsq[base + r];
+          scr[rr * kSL + lane] = __float2half_rn(kv[r] * a);
+          scr[(8 + rr) * kSL + lane] = __float2half_rn(qv * a);
+        }
+        float b = av[8];
+#pragma unroll
+        for (int c = 7; c >= 0; --c) {
+          scr[(16 + c) * kSL + lane] = __float2half_rn(kv[c] * b);
+          b *= av[c];
+        }
+        __syncwarp();
+        uint32_t a0[4], a1[4], bb[4];
+        Ldsm4(a0, ARowMajorAddr(scr, kSL, 0, 0, lane));
+        Ldsm4(a1, ARowMajorAddr(scr, kSL, 0, 16, lane));
+        // Four 8×8 matrices of K̂' (rows = n), k offsets 0, 8, 16, 24: b-fragments of both k16.
+        Ldsm4(bb, scr + (16 + (lane & 7)) * kSL + ((lane >> 3) << 3));
+        MmaF16(pacc, a0, bb[0], bb[1]);
+        MmaF16(pacc, a1, bb[2], bb[3]);
+        __syncwarp();  // the scratch is rewritten next
       }
-    }
-    {
-      const bool up = (lane & 8) != 0;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const float send = up ? acc[i] : acc[i + 16];
-        const float keep = up ? acc[i + 16] : acc[i];
-        acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
-      }
-    }
-    {
-      const bool up = (lane & 4) != 0;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float send = up ? acc[i] : acc[i + 8];
-        const float keep = up ? acc[i + 8] : acc[i];
-        acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
-      }
-    }
-    const int col = (lane & 16) ? c1 : c0;
-    const bool is_p = (lane & 8) != 0;
-    const int r_base = (lane & 4) ? 8 : 0;
-    const int ccol = kSubChunk * j + col;
-    const float rk_c = rsk[ccol];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int r = r_base + i;
-      const int row = kSubChunk * j + r;
-      if (is_p) {
-        p_out[row * kChunk + ccol] = __float2half_rn(r >= col ? rsq[row] * rk_c * acc[i] : 0.f);
+      float* const part = reinterpret_cast<float*>(smem + L::kScr + (warp | 1) * L::kScrBytes);
+      if (half == 1) {
+        *reinterpret_cast<float4*>(part + 4 * lane) =
+            make_float4(pacc[0], pacc[1], pacc[2], pacc[3]);
+        // P above the diagonal of block j (rows 0..7, columns 8..15) is zero.
+        *reinterpret_cast<uint32_t*>(p_out + (base + (lane >> 2)) * kChunk + base + 8 +
+                                     2 * (lane & 3)) = 0u;
+        NamedBarrierArrive(1 + j, 64);
       } else {
-        as[row * kAP + ccol] = r > col ? beta[row] * rsk[row] * rk_c * acc[i] : 0.f;
+        NamedBarrierSync(1 + j, 64);
+        const float4 o = *reinterpret_cast<const float4*>(part + 4 * lane);
+        const int row = base + 8 + g, c = base + 2 * t4;
+        const float b_r = beta[row];
+        *reinterpret_cast<float2*>(as + row * kAP + c) =
+            make_float2(b_r * (pacc[0] + o.x), b_r * (pacc[1] + o.y));
+        *reinterpret_cast<uint32_t*>(p_out + row * kChunk + c) =
+            PackHalf2(pacc[2] + o.z, pacc[3] + o.w);
       }
     }
   }

@@ -1,5 +1,5 @@
-// Warp-level building blocks of the KDA chunk kernels (kda_chunk.cu): cp.async, ldmatrix and
-// the fp16 tensor-core MMA m16n8k16 with fp32 accumulation (sm_80+, used on sm_90a).
+// Warp-level building blocks of the KDA chunk kernels (kda_chunk.cu): cp.async, ldmatrix, named
+// barriers and the fp16 tensor-core MMA m16n8k16 with fp32 accumulation (sm_80+, used on sm_90a).
 //
 // Fragment layouts of mma.m16n8k16.row.col (lane = 4·g + t, g = lane / 4, t = lane % 4):
 //   A (16×16, row-major)  a[0]: (g, 2t..2t+1)   a[1]: (g+8, 2t..)   a[2]: (g, 2t+8..)   a[3]: (g+8,
@@ -49,6 +49,42 @@ __device__ __forceinline__ void Ldsm4T(uint32_t (&r)[4], const void* row_addr) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(SmemAddr(row_addr))
                : "memory");
+}
+
+// Named barriers 1..4 (0 is __syncthreads) over `threads` threads, a multiple of 32; `id` is
+// dispatched to immediates so that ptxas reserves only the barriers in use. Arrive publishes the
+// caller's prior shared-memory writes to the threads that Sync on the same id, without waiting.
+__device__ __forceinline__ void NamedBarrierSync(int id, int threads) {
+  switch (id) {
+    case 1:
+      asm volatile("bar.sync 1, %0;\n" ::"r"(threads) : "memory");
+      break;
+    case 2:
+      asm volatile("bar.sync 2, %0;\n" ::"r"(threads) : "memory");
+      break;
+    case 3:
+      asm volatile("bar.sync 3, %0;\n" ::"r"(threads) : "memory");
+      break;
+    default:
+      asm volatile("bar.sync 4, %0;\n" ::"r"(threads) : "memory");
+      break;
+  }
+}
+__device__ __forceinline__ void NamedBarrierArrive(int id, int threads) {
+  switch (id) {
+    case 1:
+      asm volatile("bar.arrive 1, %0;\n" ::"r"(threads) : "memory");
+      break;
+    case 2:
+      asm volatile("bar.arrive 2, %0;\n" ::"r"(threads) : "memory");
+      break;
+    case 3:
+      asm volatile("bar.arrive 3, %0;\n" ::"r"(threads) : "memory");
+      break;
+    default:
+      asm volatile("bar.arrive 4, %0;\n" ::"r"(threads) : "memory");
+      break;
+  }
 }
 
 // d += a · b (fp16 inputs, fp32 accumulators).

@@ -9,16 +9,19 @@
 // B = 1 that is 256 CTAs; each reads and writes 8 KB of state.
 //
 // Per token every CTA of a (n, h) pair loads q, k, f (K bf16 each; 0.8 KB against 8 KB of state,
-// the redundancy across the V tiles is cheap) and
-//   1. reduces ‖q‖², ‖k‖² and q·k over the CTA (warp shuffles, then smem across the 4 warps) and
-//      stages q̂·scale, k̂ and α = exp(g) in smem (thread i < K owns element i);
+// the redundancy across the V tiles is cheap; all loads are issued right after the state's) and
+//   1. every warp reduces ‖q‖², ‖k‖² and q·k over all K itself (4 elements per lane, shuffles),
+//      and each lane computes q̂·scale, k̂ and α = exp(g) of the one row it owns (lane l of warp
+//      w owns row 8w + l/4 + 32·(l % 4)); a thread gets the scalars of its rows from the owner
+//      lanes with shuffles — no shared memory and no barrier in this step;
 //   2. decays its rows by α, accumulates the partial column sums p = S̃ᵀk̂ and u = S̃ᵀ(q̂·scale),
 //      and reduces them over the rows (shuffles over the lanes that share a column group, then
-//      smem across the warps);
+//      smem across the warps, double-buffered by token parity);
 //   3. δ = β(v − p) and o = u + δ·(k̂·q̂·scale), which equals S_newᵀ(q̂·scale) with one reduction
 //      instead of two; then S += k̂ δᵀ. Threads of row group 0 store o (4 bf16, 8 bytes).
-// Three __syncthreads per token; the state is read once before the first token and written once
-// after the last, whatever the token count. Shared memory: 3·K + 12 + 4·4·8 floats (< 2 KB).
+// One __syncthreads per token; the state is read once before the first token and written once
+// after the last, whatever the token count. Shared memory: 2·4·4·8 floats (1 KB). At most 64
+// registers, so 8 CTAs (1024 threads) per SM keep 64 KB of state loads in flight.
 //
 // Limits (checked on the host, cudaErrorInvalidValue): K == V ∈ {64, 128}; N ≥ 1, H ≥ 1,
 // N·H·V/16 < 2³¹; every pointer non-null; state_pool 16-byte aligned, v and out 8-byte aligned.
@@ -84,18 +87,21 @@ __device__ __forceinline__ void StoreBf16x4(__nv_bfloat16* p, float4 v) {
   *reinterpret_cast<uint2*>(p) = make_uint2(PackBf16x2(v.x, v.y), PackBf16x2(v.z, v.w));
 }
 
-// kDim = K = V.
+// kDim = K = V. At most 64 registers (8 CTAs, 1024 threads per SM): decode is bound by the
+// state bytes in flight, so occupancy matters more than the one 8-byte spill ptxas makes at
+// K = 128 to get there.
 template <int kDim>
-__global__ void __launch_bounds__(kThreads) KdaRecurrentKernel(const KdaParams p) {
+__global__ void __launch_bounds__(kThreads, 8) KdaRecurrentKernel(const KdaParams p) {
   static_assert(kDim % kRowGroups == 0 && kDim % kBlockV == 0 && kDim <= kThreads);
   constexpr int kRows = kDim / kRowGroups;  // state rows per thread
   constexpr int kTiles = kDim / kBlockV;
+  static_assert(kRows <= kColGroups && kRowGroups == 8 * kWarps,
+                "the row owners of a row group fit its column-group lanes");
 
-  __shared__ float q_s[kDim];  // q̂ · scale
-  __shared__ float k_s[kDim];  // k̂
-  __shared__ float alpha_s[kDim];
-  __shared__ float norm_red[kWarps][3];
-  __shared__ float4 col_red[kWarps][kColGroups][2];  // per-warp partial p and u
+  // Per-warp partial p and u, double-buffered by token parity: the one __syncthreads of token t
+  // separates its writes from its reads, and a warp writes the same buffer again (token t + 2)
+  // only after the barrier of token t + 1, which every reader of token t has passed.
+  __shared__ float4 col_red[2][kWarps][kColGroups][2];
 
   const int num_heads = p.num_heads;
   const int tile = static_cast<int>(blockIdx.x % kTiles);
@@ -105,67 +111,78 @@ __global__ void __launch_bounds__(kThreads) KdaRecurrentKernel(const KdaParams p
   const int lane = tid % 32, warp = tid / 32;
   const int cg = tid % kColGroups, rg = tid / kColGroups;
   const int col = tile * kBlockV + 4 * cg;  // first of this thread's 4 value columns
+  // The warp's rows are {8·warp + lane / 4 + 32·m}; lane owns row `own_row` (m = lane % 4,
+  // folded into kRows) for the per-row scalars q̂, k̂, α, and the thread of row group rg fetches
+  // row rg + 32·m from lane (lane & ~3) | m with a shuffle: no shared memory, no barrier.
+  const int own_row = rg + kRowGroups * ((lane % kColGroups) % kRows);
 
   // Independent loads first, so their latencies overlap.
-  const int64_t bos = p.cu_seqlens[n];
-  const int64_t eos = p.cu_seqlens[n + 1];
-  const int64_t slot = p.state_slots[n];
+  const int bos = p.cu_seqlens[n];  // token indices fit int32 (cu_seqlens is int32)
+  const int eos = p.cu_seqlens[n + 1];
+  const int slot = p.state_slots[n];
   if (eos <= bos) return;  // empty sequence: its state stays as it is
 
-  float* state = p.state_pool + (slot * num_heads + h) * (kDim * kDim) + col;
+  const int64_t state_off = (static_cast<int64_t>(slot) * num_heads + h) * (kDim * kDim) + col;
   float4 s[kRows];
 #pragma unroll
   for (int m = 0; m < kRows; ++m) {
-    s[m] = *reinterpret_cast<const float4*>(state + (rg + m * kRowGroups) * kDim);
+    s[m] =
+        *reinterpret_cast<const float4*>(p.state_pool + state_off + (rg + m * kRowGroups) * kDim);
   }
 
-  const bool owns_element = tid < kDim;
   const float neg_rate = -expf(p.a_log[h]);
-  const float dt_bias = owns_element ? p.dt_bias[h * kDim + tid] : 0.f;
+  const float dt_bias = p.dt_bias[h * kDim + own_row];
   const float scale = p.scale;
 
-  for (int64_t t = bos; t < eos; ++t) {
-    const int64_t row = (t * num_heads + h) * kDim;  // [t, h, :] of q, k, f, v, out (K == V)
-    float qe = 0.f, ke = 0.f, fe = 0.f;
-    if (owns_element) {
-      qe = __bfloat162float(p.q[row + tid]);
-      ke = __bfloat162float(p.k[row + tid]);
-      fe = __bfloat162float(p.f[row + tid]);
-    }
-    const float4 v = LoadBf16x4(p.v + row + col);
-    const float beta = 1.f / (1.f + expf(-__bfloat162float(p.beta_logits[t * num_heads + h])));
-
-    // 1. Norms and q·k over K.
-    const float sq = WarpSum(qe * qe), sk = WarpSum(ke * ke), sqk = WarpSum(qe * ke);
-    if (lane == 0) {
-      norm_red[warp][0] = sq;
-      norm_red[warp][1] = sk;
-      norm_red[warp][2] = sqk;
-    }
-    __syncthreads();
-    float q_sq = 0.f, k_sq = 0.f, qk = 0.f;
+  for (int t = bos; t < eos; ++t) {
+    const int64_t row =
+        (static_cast<int64_t>(t) * num_heads + h) * kDim;  // [t, h, :] of q, k, f, v, out (K == V)
+    // Every warp reduces the full norms itself, so no barrier: lane loads the element that lane
+    // owns in warp e (e < kWarps covers all K; lanes past kRows in their group duplicate and
+    // are left out of the sums). Element `warp` is this lane's own row.
+    float qn[kWarps], kn[kWarps];
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      q_sq += norm_red[w][0];
-      k_sq += norm_red[w][1];
-      qk += norm_red[w][2];
+    for (int e = 0; e < kWarps; ++e) {
+      const int idx = own_row + 8 * (e - warp);
+      qn[e] = __bfloat162float(p.q[row + idx]);
+      kn[e] = __bfloat162float(p.k[row + idx]);
     }
-    const float q_inv = scale / sqrtf(q_sq + 1e-6f);  // L2 norm with eps inside the sqrt, and scale
-    const float k_inv = 1.f / sqrtf(k_sq + 1e-6f);
-    const float kq = qk * q_inv * k_inv;  // k̂ · (q̂ · scale)
-    if (owns_element) {
-      q_s[tid] = qe * q_inv;
-      k_s[tid] = ke * k_inv;
-      alpha_s[tid] = expf(neg_rate * Softplus(fe + dt_bias));
+    const float fe = __bfloat162float(p.f[row + own_row]);
+    const float4 v = LoadBf16x4(p.v + row + col);
+    const float beta =
+        1.f /
+        (1.f + expf(-__bfloat162float(p.beta_logits[static_cast<int64_t>(t) * num_heads + h])));
+
+    // 1. Norms and q·k over K (warp-local), then this lane's row scalars.
+    float sq = 0.f, sk = 0.f, sqk = 0.f, qe = qn[0], ke = kn[0];
+#pragma unroll
+    for (int e = 0; e < kWarps; ++e) {
+      sq = fmaf(qn[e], qn[e], sq);
+      sk = fmaf(kn[e], kn[e], sk);
+      sqk = fmaf(qn[e], kn[e], sqk);
+      if (e == warp) {
+        qe = qn[e];
+        ke = kn[e];
+      }
     }
-    __syncthreads();
+    if ((lane % kColGroups) >= kRows) sq = sk = sqk = 0.f;  // duplicate owner (K = 64)
+    sq = WarpSum(sq);
+    sk = WarpSum(sk);
+    sqk = WarpSum(sqk);
+    const float q_inv = scale / sqrtf(sq + 1e-6f);  // L2 norm with eps inside the sqrt, and scale
+    const float k_inv = 1.f / sqrtf(sk + 1e-6f);
+    const float kq = sqk * q_inv * k_inv;  // k̂ · (q̂ · scale)
+    const float q_own = qe * q_inv, k_own = ke * k_inv;
+    const float a_own = expf(neg_rate * Softplus(fe + dt_bias));
 
     // 2. Decay, then p = S̃ᵀk̂ and u = S̃ᵀq̂ over this thread's rows, then over the CTA.
     float4 pp = make_float4(0.f, 0.f, 0.f, 0.f), uu = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int m = 0; m < kRows; ++m) {
-      const int r = rg + m * kRowGroups;
-      const float a = alpha_s[r], kr = k_s[r], qr = q_s[r];
+      const int src = (lane & ~(kColGroups - 1)) | m;
+      const float a = __shfl_sync(0xffffffffu, a_own, src);
+      const float qr = __shfl_sync(0xffffffffu, q_own, src);
+      const float kr = __shfl_sync(0xffffffffu, k_own, src);
       s[m].x *= a;
       s[m].y *= a;
       s[m].z *= a;
@@ -181,16 +198,17 @@ __global__ void __launch_bounds__(kThreads) KdaRecurrentKernel(const KdaParams p
     }
     pp = ColumnGroupSum(pp);
     uu = ColumnGroupSum(uu);
+    const int buf = (t - bos) & 1;
     if (lane < kColGroups) {  // row group 0 of this warp; lane == cg
-      col_red[warp][lane][0] = pp;
-      col_red[warp][lane][1] = uu;
+      col_red[buf][warp][lane][0] = pp;
+      col_red[buf][warp][lane][1] = uu;
     }
     __syncthreads();
     pp = make_float4(0.f, 0.f, 0.f, 0.f);
     uu = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
-      const float4 a = col_red[w][cg][0], b = col_red[w][cg][1];
+      const float4 a = col_red[buf][w][cg][0], b = col_red[buf][w][cg][1];
       pp.x += a.x;
       pp.y += a.y;
       pp.z += a.z;
@@ -209,17 +227,16 @@ __global__ void __launch_bounds__(kThreads) KdaRecurrentKernel(const KdaParams p
                                                  uu.z + delta.z * kq, uu.w + delta.w * kq));
     }
 #pragma unroll
-    for (int m = 0; m < kRows; ++m) {
-      const float kr = k_s[rg + m * kRowGroups];
+    for (int m = 0; m < kRows; ++m) {  // k̂ re-fetched: cheaper than 4 live registers
+      const float kr = __shfl_sync(0xffffffffu, k_own, (lane & ~(kColGroups - 1)) | m);
       s[m].x += kr * delta.x;
       s[m].y += kr * delta.y;
       s[m].z += kr * delta.z;
       s[m].w += kr * delta.w;
     }
-    // Each smem array the next token writes is separated from this token's reads of it by at
-    // least one __syncthreads, so one set of buffers suffices.
   }
 
+  float* const state = p.state_pool + state_off;
 #pragma unroll
   for (int m = 0; m < kRows; ++m) {
     *reinterpret_cast<float4*>(state + (rg + m * kRowGroups) * kDim) = s[m];
