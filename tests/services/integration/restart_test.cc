@@ -115,52 +115,59 @@ void ExactTurn(kls::v1::Sessions::Stub* client, const std::string& id,
   history->insert(history->end(), turn.tokens.begin(), turn.tokens.end());
 }
 
-TEST(RestartTest, ServeKilledBetweenTurnsResumesExactly) {
-  const std::string dir = ScratchDir();
-  const std::string address = "127.0.0.1:" + std::to_string(FreePort());
-  const std::vector<std::string> args = {KlsBinary(),  "serve",       "--model",  TinyModelDir(),
-                                         "--data-dir", dir + "/data", "--listen", address};
-  std::vector<int32_t> history;
-  {
-    Process serve(args, dir + "/serve1.log");
-    ASSERT_TRUE(WaitHealthy(address, absl::Seconds(60))) << Tail(dir + "/serve1.log");
-    auto client = Client(address);
-    ASSERT_TRUE(CreateSession(client.get(), "durable").ok());
-    ExactTurn(client.get(), "durable", &history, 1, 1);
-    ExactTurn(client.get(), "durable", &history, 2, 2);
-    serve.Kill(SIGKILL);
+// `kls serve` on one data directory, started as often as a test needs.
+class ServeProcess {
+ public:
+  ServeProcess()
+      : dir_(ScratchDir()),
+        address_("127.0.0.1:" + std::to_string(FreePort())),
+        args_({KlsBinary(), "serve", "--model", TinyModelDir(), "--data-dir", dir_ + "/data",
+               "--listen", address_}) {}
+
+  // Starts it and waits for SERVING; the returned client talks to it.
+  std::unique_ptr<kls::v1::Sessions::Stub> Start() {
+    const std::string log = dir_ + "/serve" + std::to_string(++starts_) + ".log";
+    process_ = std::make_unique<Process>(args_, log);
+    EXPECT_TRUE(WaitHealthy(address_, absl::Seconds(60))) << Tail(log);
+    return Client(address_);
   }
-  Process serve(args, dir + "/serve2.log");
-  ASSERT_TRUE(WaitHealthy(address, absl::Seconds(60))) << Tail(dir + "/serve2.log");
-  auto client = Client(address);
+  void Kill(int signal) { process_->Kill(signal); }
+
+ private:
+  const std::string dir_, address_;
+  const std::vector<std::string> args_;
+  int starts_ = 0;
+  std::unique_ptr<Process> process_;
+};
+
+TEST(RestartTest, ServeKilledBetweenTurnsResumesExactly) {
+  ServeProcess serve;
+  std::vector<int32_t> history;
+  auto client = serve.Start();
+  ASSERT_TRUE(CreateSession(client.get(), "durable").ok());
+  ExactTurn(client.get(), "durable", &history, 1, 1);
+  ExactTurn(client.get(), "durable", &history, 2, 2);
+  serve.Kill(SIGKILL);
+  client = serve.Start();
   ExactTurn(client.get(), "durable", &history, 3, 3);
   ExactTurn(client.get(), "durable", &history, 4, 4);
 }
 
 TEST(RestartTest, SigtermDrainsAndWritesBackEphemeralTurns) {
-  const std::string dir = ScratchDir();
-  const std::string address = "127.0.0.1:" + std::to_string(FreePort());
-  const std::vector<std::string> args = {KlsBinary(),  "serve",       "--model",  TinyModelDir(),
-                                         "--data-dir", dir + "/data", "--listen", address};
+  ServeProcess serve;
   std::vector<int32_t> history;
-  {
-    Process serve(args, dir + "/serve1.log");
-    ASSERT_TRUE(WaitHealthy(address, absl::Seconds(60))) << Tail(dir + "/serve1.log");
-    auto client = Client(address);
-    ASSERT_TRUE(CreateSession(client.get(), "lazy").ok());
-    // A NONE turn is written back by the drain, not by the turn.
-    const std::vector<int32_t> input = InputTokens(7, 1);
-    kls::v1::GenerateRequest request = TokensTurn("lazy", input, kTurnTokens);
-    request.set_commit(kls::v1::COMMIT_POLICY_NONE);
-    TurnResult turn = RunTurn(client.get(), request);
-    ASSERT_TRUE(turn.status.ok()) << turn.status.error_message();
-    history.insert(history.end(), input.begin(), input.end());
-    history.insert(history.end(), turn.tokens.begin(), turn.tokens.end());
-    serve.Kill(SIGTERM);  // waits for the process: a graceful drain
-  }
-  Process serve(args, dir + "/serve2.log");
-  ASSERT_TRUE(WaitHealthy(address, absl::Seconds(60))) << Tail(dir + "/serve2.log");
-  auto client = Client(address);
+  auto client = serve.Start();
+  ASSERT_TRUE(CreateSession(client.get(), "lazy").ok());
+  // A NONE turn is written back by the drain, not by the turn.
+  const std::vector<int32_t> input = InputTokens(7, 1);
+  kls::v1::GenerateRequest request = TokensTurn("lazy", input, kTurnTokens);
+  request.set_commit(kls::v1::COMMIT_POLICY_NONE);
+  TurnResult turn = RunTurn(client.get(), request);
+  ASSERT_TRUE(turn.status.ok()) << turn.status.error_message();
+  history.insert(history.end(), input.begin(), input.end());
+  history.insert(history.end(), turn.tokens.begin(), turn.tokens.end());
+  serve.Kill(SIGTERM);  // waits for the process: a graceful drain
+  client = serve.Start();
   ExactTurn(client.get(), "lazy", &history, 2, 2);
 }
 
