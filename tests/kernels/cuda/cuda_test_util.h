@@ -246,6 +246,20 @@ inline std::vector<double> RandomUniform(size_t n, uint64_t seed, double lo, dou
   return r;
 }
 
+// Seeded random vectors rounded to bf16 values (RandomNormal / RandomUniform, then
+// RoundToBf16InPlace), for inputs the kernel reads as bf16.
+inline std::vector<double> Bf16Normal(size_t n, uint64_t seed, double mean = 0.0,
+                                      double stddev = 1.0) {
+  std::vector<double> v = RandomNormal(n, seed, mean, stddev);
+  RoundToBf16InPlace(v);
+  return v;
+}
+inline std::vector<double> Bf16Uniform(size_t n, uint64_t seed, double lo, double hi) {
+  std::vector<double> v = RandomUniform(n, seed, lo, hi);
+  RoundToBf16InPlace(v);
+  return v;
+}
+
 // ‖a − e‖₂ / ‖e‖₂ (fla's assert_close ratio; 0 when both are all zero, inf when only e is).
 inline double RelativeRmsError(std::span<const double> actual, std::span<const double> expected) {
   double diff_sq = 0, ref_sq = 0;

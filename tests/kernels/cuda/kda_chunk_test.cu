@@ -15,17 +15,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <numeric>
-#include <ostream>
-#include <span>
 #include <string>
 #include <vector>
 
 #include "kernels/kda/kda.h"
 #include "kernels/kda/kda_chunk_tuning.h"
-#include "kernels/kda/kda_ref.h"
-#include "kernels/norm/norm_ref.h"
 #include "tests/kernels/cuda/cuda_test_util.h"
+#include "tests/kernels/cuda/kda_test_inputs.h"
 #include "tests/test_util.h"
 
 namespace kls::kernels {
@@ -35,182 +31,23 @@ using ::kls::testing::CudaParamTest;
 using ::kls::testing::CudaTest;
 using ::kls::testing::DeviceBuffer;
 using ::kls::testing::Download;
+using ::kls::testing::ExpectUntouchedKdaSlots;
 using ::kls::testing::kBf16StateTolerance;
+using ::kls::testing::KdaCase;
+using ::kls::testing::KdaDeviceInputs;
+using ::kls::testing::KdaGateMode;
+using ::kls::testing::KdaProblem;
+using ::kls::testing::KdaReference;
+using ::kls::testing::KdaResult;
+using ::kls::testing::MakeKdaParams;
+using ::kls::testing::MakeKdaProblem;
 using ::kls::testing::MatchesReference;
 using ::kls::testing::Poison;
+using ::kls::testing::SliceKdaProblem;
 using ::kls::testing::Upload;
+using ::kls::testing::UploadKdaInputs;
 
 constexpr double kRmsBound = 5e-3;  // relative RMS error, bf16 I/O with an fp32 state
-
-enum class GateMode {
-  kModel,        // A_log = log U(1, 16), dt_bias ~ N(0, 1), f ~ N(0, 1): the 48B gate
-  kExtreme,      // A_log = log 16, f = 25, dt_bias = 0: g = -400 every step
-  kZero,         // f = -30, dt_bias = 0: g ≈ -1e-12, a pure delta rule
-  kAlternating,  // g = -400 or ≈ 0 in runs of 7 tokens, the pattern flipping per channel
-};
-
-// A packed batch whose values are exactly representable in the kernel's dtypes (bf16 inputs,
-// fp32 parameters and states), so the fp64 reference sees what the kernel sees.
-struct Problem {
-  int num_heads = 0, head_dim = 0, num_slots = 0;
-  std::vector<int64_t> lengths;
-  std::vector<int32_t> slots;
-  std::vector<double> q, k, v, f;      // [total, H, D]
-  std::vector<double> beta_logits;     // [total, H]
-  std::vector<double> a_log, dt_bias;  // [H], [H, D]
-  std::vector<double> pool;            // [num_slots, H, D, D]
-
-  int num_seqs() const { return static_cast<int>(lengths.size()); }
-  int64_t total() const { return std::accumulate(lengths.begin(), lengths.end(), int64_t{0}); }
-  int64_t state_size() const { return static_cast<int64_t>(num_heads) * head_dim * head_dim; }
-  double scale() const { return 1.0 / std::sqrt(static_cast<double>(head_dim)); }
-  std::vector<int32_t> cu_seqlens() const {
-    std::vector<int32_t> cu{0};
-    for (int64_t len : lengths) cu.push_back(cu.back() + static_cast<int32_t>(len));
-    return cu;
-  }
-};
-
-Problem MakeProblem(std::vector<int64_t> lengths, std::vector<int32_t> slots, int num_slots,
-                    int num_heads, int head_dim, GateMode gate, uint64_t seed) {
-  using ::kls::testing::RandomNormal;
-  using ::kls::testing::RandomUniform;
-  using ::kls::testing::RoundToBf16InPlace;
-  using ::kls::testing::RoundToFloatInPlace;
-  Problem p;
-  p.num_heads = num_heads;
-  p.head_dim = head_dim;
-  p.num_slots = num_slots;
-  p.lengths = std::move(lengths);
-  p.slots = std::move(slots);
-  const int64_t total = p.total();
-  const size_t width = static_cast<size_t>(num_heads) * head_dim;
-  const size_t n = static_cast<size_t>(total) * width;
-  p.q = RandomNormal(n, seed + 1);
-  p.k = RandomNormal(n, seed + 2);
-  p.v = RandomNormal(n, seed + 3);
-  p.beta_logits = RandomNormal(static_cast<size_t>(total) * num_heads, seed + 4);
-  p.pool = RandomNormal(static_cast<size_t>(num_slots) * p.state_size(), seed + 5);
-  switch (gate) {
-    case GateMode::kModel:
-      p.f = RandomNormal(n, seed + 6);
-      p.a_log = RandomUniform(num_heads, seed + 7, 1.0, 16.0);
-      for (double& a : p.a_log) a = std::log(a);
-      p.dt_bias = RandomNormal(width, seed + 8);
-      break;
-    case GateMode::kExtreme:
-    case GateMode::kZero:
-    case GateMode::kAlternating:
-      p.f.resize(n);
-      for (size_t t = 0; t < static_cast<size_t>(total); ++t) {
-        for (size_t m = 0; m < width; ++m) {
-          const bool decay = gate == GateMode::kExtreme ||
-                             (gate == GateMode::kAlternating && (t / 7 + m) % 2 == 0);
-          p.f[t * width + m] = decay ? 25.0 : -30.0;
-        }
-      }
-      p.a_log.assign(num_heads, std::log(16.0));
-      p.dt_bias.assign(width, 0.0);
-      break;
-  }
-  for (auto* x : {&p.q, &p.k, &p.v, &p.f, &p.beta_logits}) RoundToBf16InPlace(*x);
-  for (auto* x : {&p.a_log, &p.dt_bias, &p.pool}) RoundToFloatInPlace(*x);
-  return p;
-}
-
-struct Result {
-  std::vector<double> out;   // [total, H, D]
-  std::vector<double> pool;  // [num_slots, H, D, D]
-};
-
-// The fp64 recurrence on `p`, starting from (and updating in place) `pool`.
-void ReferenceStep(const Problem& p, std::vector<double>& pool, std::vector<double>& out) {
-  const int64_t total = p.total();
-  const int64_t rows = total * p.num_heads;
-  std::vector<double> qn(p.q.size()), kn(p.k.size()), g(p.f.size()), beta(p.beta_logits.size());
-  L2NormReference<double>(p.q.data(), rows, p.head_dim, 1e-6, qn.data());
-  L2NormReference<double>(p.k.data(), rows, p.head_dim, 1e-6, kn.data());
-  KdaGateReference<double>(p.f.data(), p.a_log.data(), p.dt_bias.data(), total, p.num_heads,
-                           p.head_dim, g.data());
-  for (size_t i = 0; i < beta.size(); ++i) beta[i] = 1.0 / (1.0 + std::exp(-p.beta_logits[i]));
-  std::vector<int64_t> cu{0};
-  for (int64_t len : p.lengths) cu.push_back(cu.back() + len);
-  std::vector<double*> states;
-  for (int32_t slot : p.slots) states.push_back(pool.data() + slot * p.state_size());
-  out.assign(static_cast<size_t>(rows) * p.head_dim, 0.0);
-  KdaArgs<double> args;
-  args.q = qn.data();
-  args.k = kn.data();
-  args.v = p.v.data();
-  args.g = g.data();
-  args.beta = beta.data();
-  args.cu_seqlens = cu.data();
-  args.num_seqs = p.num_seqs();
-  args.num_heads = p.num_heads;
-  args.head_dim_k = p.head_dim;
-  args.head_dim_v = p.head_dim;
-  args.scale = p.scale();
-  args.states = states.data();
-  args.out = out.data();
-  KdaRecurrentReference(args);
-}
-
-Result Reference(const Problem& p) {
-  Result r;
-  r.pool = p.pool;
-  ReferenceStep(p, r.pool, r.out);
-  return r;
-}
-
-// Device copies of one problem's inputs; the pool lives apart so that chains can share it.
-struct DeviceInputs {
-  DeviceBuffer<__nv_bfloat16> q, k, v, f, beta_logits, out;
-  DeviceBuffer<float> a_log, dt_bias;
-  DeviceBuffer<int32_t> cu_seqlens, slots;
-};
-
-cudaError_t UploadInputs(const Problem& p, DeviceInputs& d) {
-  using ::kls::testing::ToBf16;
-  using ::kls::testing::ToFloat;
-  cudaError_t err = cudaSuccess;
-  const auto step = [&err](cudaError_t e) {
-    if (err == cudaSuccess) err = e;
-  };
-  step(Upload(ToBf16(p.q), d.q));
-  step(Upload(ToBf16(p.k), d.k));
-  step(Upload(ToBf16(p.v), d.v));
-  step(Upload(ToBf16(p.f), d.f));
-  step(Upload(ToBf16(p.beta_logits), d.beta_logits));
-  step(Upload(ToFloat(p.a_log), d.a_log));
-  step(Upload(ToFloat(p.dt_bias), d.dt_bias));
-  step(Upload(p.cu_seqlens(), d.cu_seqlens));
-  step(Upload(p.slots, d.slots));
-  step(d.out.Allocate(p.v.size()));
-  step(Poison(d.out));
-  return err;
-}
-
-KdaParams MakeParams(const Problem& p, DeviceInputs& d, float* pool) {
-  KdaParams params;
-  params.q = d.q.get();
-  params.k = d.k.get();
-  params.v = d.v.get();
-  params.f = d.f.get();
-  params.beta_logits = d.beta_logits.get();
-  params.a_log = d.a_log.get();
-  params.dt_bias = d.dt_bias.get();
-  params.cu_seqlens = d.cu_seqlens.get();
-  params.state_pool = pool;
-  params.state_slots = d.slots.get();
-  params.out = d.out.get();
-  params.num_seqs = p.num_seqs();
-  params.total_tokens = p.total();
-  params.max_seqlen = static_cast<int>(*std::max_element(p.lengths.begin(), p.lengths.end()));
-  params.num_heads = p.num_heads;
-  params.head_dim = p.head_dim;
-  params.scale = static_cast<float>(p.scale());
-  return params;
-}
 
 // Allocates the workspace LaunchKdaChunk asks for and poisons it (NaN everywhere), so a read
 // of anything the kernel did not write first shows up in the comparison.
@@ -223,15 +60,15 @@ cudaError_t MakeWorkspace(const KdaParams& params, DeviceBuffer<unsigned char>& 
 }
 
 // Runs the chunk kernel on `p` with inputs `d` against the device pool `pool`.
-void LaunchChunk(const Problem& p, DeviceInputs& d, float* pool, cudaStream_t stream) {
-  const KdaParams params = MakeParams(p, d, pool);
+void LaunchChunk(const KdaProblem& p, KdaDeviceInputs& d, float* pool, cudaStream_t stream) {
+  const KdaParams params = MakeKdaParams(p, d, pool);
   DeviceBuffer<unsigned char> ws;
   ASSERT_CUDA_OK(MakeWorkspace(params, ws));
   ASSERT_CUDA_OK(LaunchKdaChunk(params, ws.get(), ws.size(), stream));
   ASSERT_CUDA_OK(cudaStreamSynchronize(stream));
 }
 
-void CopyOut(const DeviceInputs& d, std::vector<double>& out) {
+void CopyOut(const KdaDeviceInputs& d, std::vector<double>& out) {
   std::vector<__nv_bfloat16> host;
   ASSERT_CUDA_OK(Download(d.out, host));
   out = ::kls::testing::Bf16ToDouble(host);
@@ -244,57 +81,14 @@ void CopyPool(const DeviceBuffer<float>& pool, std::vector<double>& out) {
 }
 
 // One chunk call on `p` with its own pool.
-void RunChunk(const Problem& p, cudaStream_t stream, Result& r) {
-  DeviceInputs d;
-  ASSERT_CUDA_OK(UploadInputs(p, d));
+void RunChunk(const KdaProblem& p, cudaStream_t stream, KdaResult& r) {
+  KdaDeviceInputs d;
+  ASSERT_CUDA_OK(UploadKdaInputs(p, d));
   DeviceBuffer<float> pool;
   ASSERT_CUDA_OK(Upload(::kls::testing::ToFloat(p.pool), pool));
   ASSERT_NO_FATAL_FAILURE(LaunchChunk(p, d, pool.get(), stream));
   ASSERT_NO_FATAL_FAILURE(CopyOut(d, r.out));
   ASSERT_NO_FATAL_FAILURE(CopyPool(pool, r.pool));
-}
-
-// Slots no sequence uses must be bit-identical after the call.
-void ExpectUntouchedSlots(const Problem& p, const std::vector<double>& pool) {
-  for (int slot = 0; slot < p.num_slots; ++slot) {
-    if (std::find(p.slots.begin(), p.slots.end(), slot) != p.slots.end()) continue;
-    int64_t changed = 0;
-    for (int64_t i = slot * p.state_size(); i < (slot + 1) * p.state_size(); ++i) {
-      if (pool[i] != p.pool[i]) ++changed;
-    }
-    EXPECT_EQ(changed, 0) << "unused slot " << slot << " was written";
-  }
-}
-
-// The tokens [from[n], from[n] + count[n]) of every sequence n of `p` as a problem of their own
-// (same slots and parameters; the pool is copied, the caller decides which pool to use).
-Problem Slice(const Problem& p, const std::vector<int64_t>& from,
-              const std::vector<int64_t>& count) {
-  Problem s;
-  s.num_heads = p.num_heads;
-  s.head_dim = p.head_dim;
-  s.num_slots = p.num_slots;
-  s.slots = p.slots;
-  s.a_log = p.a_log;
-  s.dt_bias = p.dt_bias;
-  s.pool = p.pool;
-  s.lengths = count;
-  const size_t width = static_cast<size_t>(p.num_heads) * p.head_dim;
-  int64_t bos = 0;
-  for (int n = 0; n < p.num_seqs(); ++n) {
-    for (int64_t t = bos + from[n]; t < bos + from[n] + count[n]; ++t) {
-      const auto append = [t](const std::vector<double>& src, std::vector<double>& dst, size_t w) {
-        dst.insert(dst.end(), src.begin() + t * w, src.begin() + (t + 1) * w);
-      };
-      append(p.q, s.q, width);
-      append(p.k, s.k, width);
-      append(p.v, s.v, width);
-      append(p.f, s.f, width);
-      append(p.beta_logits, s.beta_logits, p.num_heads);
-    }
-    bos += p.lengths[n];
-  }
-  return s;
 }
 
 // Rows [from[n], from[n] + count[n]) of every sequence of a [total, H, D] output laid out by
@@ -312,33 +106,19 @@ std::vector<double> SliceRows(const std::vector<double>& out, const std::vector<
   return r;
 }
 
-struct KdaCase {
-  std::string name;
-  std::vector<int64_t> lengths;
-  std::vector<int32_t> slots;  // one per sequence
-  int num_slots;
-  int num_heads;
-  int head_dim;
-  GateMode gate;
-  uint64_t seed;
-};
-
-std::ostream& operator<<(std::ostream& os, const KdaCase& c) { return os << c.name; }
-
 class KdaChunkTest : public CudaParamTest<KdaCase> {};
 class KdaChunkKernelTest : public CudaTest {};
 
 TEST_P(KdaChunkTest, MatchesFp64Reference) {
   const KdaCase& c = GetParam();
-  const Problem p =
-      MakeProblem(c.lengths, c.slots, c.num_slots, c.num_heads, c.head_dim, c.gate, c.seed);
-  Result gpu;
+  const KdaProblem p = MakeKdaProblem(c);
+  KdaResult gpu;
   ASSERT_NO_FATAL_FAILURE(RunChunk(p, stream(), gpu));
-  const Result ref = Reference(p);
+  const KdaResult ref = KdaReference(p);
   EXPECT_TRUE(MatchesReference(gpu.out, ref.out, kBf16StateTolerance, kRmsBound)) << "output";
   EXPECT_TRUE(MatchesReference(gpu.pool, ref.pool, kBf16StateTolerance, kRmsBound))
       << "final states";
-  ExpectUntouchedSlots(p, gpu.pool);
+  ExpectUntouchedKdaSlots(p, gpu.pool);
 }
 
 std::vector<KdaCase> Cases() {
@@ -351,7 +131,7 @@ std::vector<KdaCase> Cases() {
                      3,
                      4,
                      128,
-                     GateMode::kModel,
+                     KdaGateMode::kModel,
                      100 + static_cast<uint64_t>(t)});
   }
   for (int64_t t : {1, 63, 64, 65, 127, 1000, 4097}) {
@@ -361,10 +141,10 @@ std::vector<KdaCase> Cases() {
                      3,
                      4,
                      64,
-                     GateMode::kModel,
+                     KdaGateMode::kModel,
                      200 + static_cast<uint64_t>(t)});
   }
-  cases.push_back({"T200_H1_D128", {200}, {0}, 1, 1, 128, GateMode::kModel, 300});
+  cases.push_back({"T200_H1_D128", {200}, {0}, 1, 1, 128, KdaGateMode::kModel, 300});
   // N·H·(D/32) ≥ 4·SMs (132 SMs on H100 / H200) selects the BV = 64 state tiles.
   cases.push_back({"BV64_Batch5_H32_D128",
                    {70, 1, 130, 64, 3},
@@ -372,7 +152,7 @@ std::vector<KdaCase> Cases() {
                    7,
                    32,
                    128,
-                   GateMode::kModel,
+                   KdaGateMode::kModel,
                    310});
   cases.push_back({"BV64_Batch9_H32_D64",
                    {9, 64, 1, 100, 65, 2, 30, 128, 7},
@@ -380,22 +160,22 @@ std::vector<KdaCase> Cases() {
                    10,
                    32,
                    64,
-                   GateMode::kModel,
+                   KdaGateMode::kModel,
                    311});
   // Ragged varlen batches with non-contiguous slots; empty sequences keep their state.
   cases.push_back(
-      {"Ragged_1_5_64_3_D128", {1, 5, 64, 3}, {5, 0, 3, 7}, 8, 4, 128, GateMode::kModel, 500});
+      {"Ragged_1_5_64_3_D128", {1, 5, 64, 3}, {5, 0, 3, 7}, 8, 4, 128, KdaGateMode::kModel, 500});
   cases.push_back(
-      {"Ragged_65_0_130_1_D64", {65, 0, 130, 1}, {3, 0, 5, 1}, 6, 4, 64, GateMode::kModel, 501});
+      {"Ragged_65_0_130_1_D64", {65, 0, 130, 1}, {3, 0, 5, 1}, 6, 4, 64, KdaGateMode::kModel, 501});
   cases.push_back(
-      {"Ragged_Empty_3_0_2_0", {3, 0, 2, 0}, {2, 0, 4, 5}, 6, 4, 128, GateMode::kModel, 502});
+      {"Ragged_Empty_3_0_2_0", {3, 0, 2, 0}, {2, 0, 4, 5}, 6, 4, 128, KdaGateMode::kModel, 502});
   cases.push_back({"Ragged_19_H2_D128",
                    {33, 1, 64, 0, 17, 128, 5, 70, 1, 2, 63, 65, 16, 0, 9, 200, 3, 1, 44},
                    {18, 0, 17, 1, 16, 2, 15, 3, 14, 4, 13, 5, 12, 6, 11, 7, 10, 8, 9},
                    20,
                    2,
                    128,
-                   GateMode::kModel,
+                   KdaGateMode::kModel,
                    503});
   // Gate extremes: finite, and equal to the reference.
   for (int d : {64, 128}) {
@@ -406,7 +186,7 @@ std::vector<KdaCase> Cases() {
                      3,
                      4,
                      d,
-                     GateMode::kExtreme,
+                     KdaGateMode::kExtreme,
                      600 + static_cast<uint64_t>(d)});
     cases.push_back({"GateZero" + dim,
                      {1, 200, 20},
@@ -414,7 +194,7 @@ std::vector<KdaCase> Cases() {
                      3,
                      4,
                      d,
-                     GateMode::kZero,
+                     KdaGateMode::kZero,
                      700 + static_cast<uint64_t>(d)});
     cases.push_back({"GateAlternating" + dim,
                      {1, 300, 20},
@@ -422,11 +202,11 @@ std::vector<KdaCase> Cases() {
                      3,
                      4,
                      d,
-                     GateMode::kAlternating,
+                     KdaGateMode::kAlternating,
                      800 + static_cast<uint64_t>(d)});
   }
   // A long pure delta rule: the state integrates every rounding error of the chain.
-  cases.push_back({"GateZero_T4097_D128", {4097}, {0}, 1, 2, 128, GateMode::kZero, 900});
+  cases.push_back({"GateZero_T4097_D128", {4097}, {0}, 1, 2, 128, KdaGateMode::kZero, 900});
   return cases;
 }
 
@@ -439,28 +219,28 @@ INSTANTIATE_TEST_SUITE_P(Shapes, KdaChunkTest, ::testing::ValuesIn(Cases()),
 // unsupported width is refused.
 TEST_F(KdaChunkKernelTest, ForcedStateTilesMatchReference) {
   for (int head_dim : {64, 128}) {
-    const Problem p =
-        MakeProblem({130, 1, 64, 77}, {3, 1, 0, 4}, 5, 3, head_dim, GateMode::kModel, 950);
-    const Result ref = Reference(p);
+    const KdaProblem p =
+        MakeKdaProblem({130, 1, 64, 77}, {3, 1, 0, 4}, 5, 3, head_dim, KdaGateMode::kModel, 950);
+    const KdaResult ref = KdaReference(p);
     for (int tile : {32, 64}) {
       SCOPED_TRACE("head_dim " + std::to_string(head_dim) + ", tile " + std::to_string(tile));
-      DeviceInputs d;
-      ASSERT_CUDA_OK(UploadInputs(p, d));
+      KdaDeviceInputs d;
+      ASSERT_CUDA_OK(UploadKdaInputs(p, d));
       DeviceBuffer<float> pool;
       ASSERT_CUDA_OK(Upload(::kls::testing::ToFloat(p.pool), pool));
-      const KdaParams params = MakeParams(p, d, pool.get());
+      const KdaParams params = MakeKdaParams(p, d, pool.get());
       DeviceBuffer<unsigned char> ws;
       ASSERT_CUDA_OK(MakeWorkspace(params, ws));
       EXPECT_EQ(LaunchKdaChunkWithStateTile(params, ws.get(), ws.size(), 48, stream()),
                 cudaErrorInvalidValue);
       ASSERT_CUDA_OK(LaunchKdaChunkWithStateTile(params, ws.get(), ws.size(), tile, stream()));
       ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
-      Result gpu;
+      KdaResult gpu;
       ASSERT_NO_FATAL_FAILURE(CopyOut(d, gpu.out));
       ASSERT_NO_FATAL_FAILURE(CopyPool(pool, gpu.pool));
       EXPECT_TRUE(MatchesReference(gpu.out, ref.out, kBf16StateTolerance, kRmsBound));
       EXPECT_TRUE(MatchesReference(gpu.pool, ref.pool, kBf16StateTolerance, kRmsBound));
-      ExpectUntouchedSlots(p, gpu.pool);
+      ExpectUntouchedKdaSlots(p, gpu.pool);
     }
   }
 }
@@ -471,18 +251,18 @@ TEST_F(KdaChunkKernelTest, SplitPrefillEqualsOneCall) {
   const std::vector<int64_t> a = {100, 1, 64}, b = {77, 130, 65};
   std::vector<int64_t> lengths;
   for (size_t n = 0; n < a.size(); ++n) lengths.push_back(a[n] + b[n]);
-  const Problem whole = MakeProblem(lengths, {4, 1, 2}, 5, 4, 128, GateMode::kModel, 1000);
-  Result one_call;
+  const KdaProblem whole = MakeKdaProblem(lengths, {4, 1, 2}, 5, 4, 128, KdaGateMode::kModel, 1000);
+  KdaResult one_call;
   ASSERT_NO_FATAL_FAILURE(RunChunk(whole, stream(), one_call));
-  const Result ref = Reference(whole);
+  const KdaResult ref = KdaReference(whole);
 
   DeviceBuffer<float> pool;
   ASSERT_CUDA_OK(Upload(::kls::testing::ToFloat(whole.pool), pool));
-  const Problem first = Slice(whole, {0, 0, 0}, a);
-  const Problem second = Slice(whole, a, b);
-  DeviceInputs d1, d2;
-  ASSERT_CUDA_OK(UploadInputs(first, d1));
-  ASSERT_CUDA_OK(UploadInputs(second, d2));
+  const KdaProblem first = SliceKdaProblem(whole, {0, 0, 0}, a);
+  const KdaProblem second = SliceKdaProblem(whole, a, b);
+  KdaDeviceInputs d1, d2;
+  ASSERT_CUDA_OK(UploadKdaInputs(first, d1));
+  ASSERT_CUDA_OK(UploadKdaInputs(second, d2));
   ASSERT_NO_FATAL_FAILURE(LaunchChunk(first, d1, pool.get(), stream()));
   ASSERT_NO_FATAL_FAILURE(LaunchChunk(second, d2, pool.get(), stream()));
   std::vector<double> out_b, split_pool;
@@ -508,26 +288,26 @@ TEST_F(KdaChunkKernelTest, ChunkThenDecodeEqualsChunk) {
   for (int64_t len : a) lengths.push_back(len + kDecodeSteps);
   for (int head_dim : {64, 128}) {
     SCOPED_TRACE("head_dim " + std::to_string(head_dim));
-    const Problem whole =
-        MakeProblem(lengths, {3, 0, 5, 2}, 6, 4, head_dim, GateMode::kModel, 1100 + head_dim);
-    Result one_call;
+    const KdaProblem whole =
+        MakeKdaProblem(lengths, {3, 0, 5, 2}, 6, 4, head_dim, KdaGateMode::kModel, 1100 + head_dim);
+    KdaResult one_call;
     ASSERT_NO_FATAL_FAILURE(RunChunk(whole, stream(), one_call));
-    const Result ref = Reference(whole);
+    const KdaResult ref = KdaReference(whole);
 
     DeviceBuffer<float> pool;
     ASSERT_CUDA_OK(Upload(::kls::testing::ToFloat(whole.pool), pool));
-    const Problem prefill = Slice(whole, {0, 0, 0, 0}, a);
-    DeviceInputs dp;
-    ASSERT_CUDA_OK(UploadInputs(prefill, dp));
+    const KdaProblem prefill = SliceKdaProblem(whole, {0, 0, 0, 0}, a);
+    KdaDeviceInputs dp;
+    ASSERT_CUDA_OK(UploadKdaInputs(prefill, dp));
     ASSERT_NO_FATAL_FAILURE(LaunchChunk(prefill, dp, pool.get(), stream()));
     std::vector<double> decoded;  // [steps, N, H, D]
     for (int step = 0; step < kDecodeSteps; ++step) {
       std::vector<int64_t> from;
       for (int64_t len : a) from.push_back(len + step);
-      const Problem token = Slice(whole, from, {1, 1, 1, 1});
-      DeviceInputs dt;
-      ASSERT_CUDA_OK(UploadInputs(token, dt));
-      ASSERT_CUDA_OK(LaunchKdaRecurrent(MakeParams(token, dt, pool.get()), stream()));
+      const KdaProblem token = SliceKdaProblem(whole, from, {1, 1, 1, 1});
+      KdaDeviceInputs dt;
+      ASSERT_CUDA_OK(UploadKdaInputs(token, dt));
+      ASSERT_CUDA_OK(LaunchKdaRecurrent(MakeKdaParams(token, dt, pool.get()), stream()));
       ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
       std::vector<double> out;
       ASSERT_NO_FATAL_FAILURE(CopyOut(dt, out));
@@ -558,13 +338,14 @@ TEST_F(KdaChunkKernelTest, ChunkThenDecodeEqualsChunk) {
 // The launcher is capture-safe after a warm-up (no allocation, no attribute call, no sync), and
 // the kernels are deterministic: a graph replay reproduces the eager run bit for bit.
 TEST_F(KdaChunkKernelTest, GraphReplayIsBitIdentical) {
-  const Problem p = MakeProblem({300, 5, 64}, {2, 0, 1}, 3, 8, 128, GateMode::kModel, 1200);
-  DeviceInputs d;
-  ASSERT_CUDA_OK(UploadInputs(p, d));
+  const KdaProblem p =
+      MakeKdaProblem({300, 5, 64}, {2, 0, 1}, 3, 8, 128, KdaGateMode::kModel, 1200);
+  KdaDeviceInputs d;
+  ASSERT_CUDA_OK(UploadKdaInputs(p, d));
   DeviceBuffer<float> pool;
   const std::vector<float> pool0 = ::kls::testing::ToFloat(p.pool);
   ASSERT_CUDA_OK(Upload(pool0, pool));
-  const KdaParams params = MakeParams(p, d, pool.get());
+  const KdaParams params = MakeKdaParams(p, d, pool.get());
   DeviceBuffer<unsigned char> ws;
   ASSERT_CUDA_OK(MakeWorkspace(params, ws));
 
@@ -597,12 +378,12 @@ TEST_F(KdaChunkKernelTest, GraphReplayIsBitIdentical) {
 
 // Unsupported arguments are refused before any launch and leave everything untouched.
 TEST_F(KdaChunkKernelTest, RefusesBadArguments) {
-  const Problem p = MakeProblem({70, 3}, {1, 0}, 2, 2, 64, GateMode::kModel, 1300);
-  DeviceInputs d;
-  ASSERT_CUDA_OK(UploadInputs(p, d));
+  const KdaProblem p = MakeKdaProblem({70, 3}, {1, 0}, 2, 2, 64, KdaGateMode::kModel, 1300);
+  KdaDeviceInputs d;
+  ASSERT_CUDA_OK(UploadKdaInputs(p, d));
   DeviceBuffer<float> pool;
   ASSERT_CUDA_OK(Upload(::kls::testing::ToFloat(p.pool), pool));
-  const KdaParams good = MakeParams(p, d, pool.get());
+  const KdaParams good = MakeKdaParams(p, d, pool.get());
   DeviceBuffer<unsigned char> ws;
   ASSERT_CUDA_OK(MakeWorkspace(good, ws));
 
@@ -650,12 +431,12 @@ TEST_F(KdaChunkKernelTest, RefusesBadArguments) {
 
 // A batch of empty sequences is a no-op that needs no workspace and keeps every state.
 TEST_F(KdaChunkKernelTest, EmptyBatchIsANoOp) {
-  const Problem p = MakeProblem({0, 0}, {1, 0}, 2, 2, 128, GateMode::kModel, 1400);
-  DeviceInputs d;
-  ASSERT_CUDA_OK(UploadInputs(p, d));
+  const KdaProblem p = MakeKdaProblem({0, 0}, {1, 0}, 2, 2, 128, KdaGateMode::kModel, 1400);
+  KdaDeviceInputs d;
+  ASSERT_CUDA_OK(UploadKdaInputs(p, d));
   DeviceBuffer<float> pool;
   ASSERT_CUDA_OK(Upload(::kls::testing::ToFloat(p.pool), pool));
-  EXPECT_EQ(LaunchKdaChunk(MakeParams(p, d, pool.get()), nullptr, 0, stream()), cudaSuccess);
+  EXPECT_EQ(LaunchKdaChunk(MakeKdaParams(p, d, pool.get()), nullptr, 0, stream()), cudaSuccess);
   ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
   std::vector<double> pool_after;
   ASSERT_NO_FATAL_FAILURE(CopyPool(pool, pool_after));

@@ -10,19 +10,13 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <numeric>
-#include <ostream>
-#include <span>
 #include <string>
 #include <vector>
 
 #include "kernels/kda/kda.h"
-#include "kernels/kda/kda_ref.h"
-#include "kernels/norm/norm_ref.h"
 #include "tests/kernels/cuda/cuda_test_util.h"
+#include "tests/kernels/cuda/kda_test_inputs.h"
 #include "tests/test_util.h"
 
 namespace kls::kernels {
@@ -32,11 +26,23 @@ using ::kls::testing::CudaParamTest;
 using ::kls::testing::CudaTest;
 using ::kls::testing::DeviceBuffer;
 using ::kls::testing::Download;
+using ::kls::testing::ExpectUntouchedKdaSlots;
 using ::kls::testing::kBf16StateTolerance;
+using ::kls::testing::KdaCase;
+using ::kls::testing::KdaDeviceInputs;
+using ::kls::testing::KdaGateMode;
+using ::kls::testing::KdaProblem;
+using ::kls::testing::KdaReference;
+using ::kls::testing::KdaReferenceStep;
+using ::kls::testing::KdaResult;
 using ::kls::testing::kFp32Tolerance;
+using ::kls::testing::MakeKdaParams;
+using ::kls::testing::MakeKdaProblem;
 using ::kls::testing::MatchesReference;
 using ::kls::testing::Poison;
+using ::kls::testing::SliceKdaProblem;
 using ::kls::testing::Upload;
+using ::kls::testing::UploadKdaInputs;
 
 // Outputs are bf16: the bf16 row of the H5 table and a relative RMS error below 5e-3 (fla's
 // bound). Final states are fp32 end to end and the reference sees the kernel's exact inputs, so
@@ -46,183 +52,13 @@ using ::kls::testing::Upload;
 constexpr double kRmsBound = 5e-3;
 constexpr double kStateRmsBound = 1e-5;
 
-enum class GateMode {
-  kModel,        // A_log = log U(1, 16), dt_bias ~ N(0, 1), f ~ N(0, 1): the 48B gate
-  kExtreme,      // A_log = log 16, f = 25, dt_bias = 0: g = -400 every step
-  kZero,         // f = -30, dt_bias = 0: g ≈ -1e-12, a pure delta rule
-  kAlternating,  // g = -400 or ≈ 0 in runs of 7 tokens, the pattern flipping per channel
-};
-
-// A packed batch with every value already representable in the kernel's dtype (bf16 inputs,
-// fp32 parameters and state), so the fp64 reference sees exactly what the kernel sees.
-struct Problem {
-  int num_heads = 0, head_dim = 0, num_slots = 0;
-  std::vector<int64_t> lengths;
-  std::vector<int32_t> slots;
-  std::vector<double> q, k, v, f;      // [total, H, D] bf16 values
-  std::vector<double> beta_logits;     // [total, H] bf16 values
-  std::vector<double> a_log, dt_bias;  // [H], [H, D] fp32 values
-  std::vector<double> pool;            // [num_slots, H, D, D] fp32 values
-
-  int num_seqs() const { return static_cast<int>(lengths.size()); }
-  int64_t total() const { return std::accumulate(lengths.begin(), lengths.end(), int64_t{0}); }
-  int64_t state_size() const { return static_cast<int64_t>(num_heads) * head_dim * head_dim; }
-  double scale() const { return 1.0 / std::sqrt(static_cast<double>(head_dim)); }
-  std::vector<int32_t> cu_seqlens() const {
-    std::vector<int32_t> cu{0};
-    for (int64_t len : lengths) cu.push_back(cu.back() + static_cast<int32_t>(len));
-    return cu;
-  }
-};
-
-Problem MakeProblem(std::vector<int64_t> lengths, std::vector<int32_t> slots, int num_slots,
-                    int num_heads, int head_dim, GateMode gate, uint64_t seed) {
-  using ::kls::testing::RandomNormal;
-  using ::kls::testing::RandomUniform;
-  using ::kls::testing::RoundToBf16InPlace;
-  using ::kls::testing::RoundToFloatInPlace;
-  Problem p;
-  p.num_heads = num_heads;
-  p.head_dim = head_dim;
-  p.num_slots = num_slots;
-  p.lengths = std::move(lengths);
-  p.slots = std::move(slots);
-  const int64_t total = p.total();
-  const size_t width = static_cast<size_t>(num_heads) * head_dim;
-  const size_t n = static_cast<size_t>(total) * width;
-  p.q = RandomNormal(n, seed + 1);
-  p.k = RandomNormal(n, seed + 2);
-  p.v = RandomNormal(n, seed + 3);
-  p.beta_logits = RandomNormal(static_cast<size_t>(total) * num_heads, seed + 4);
-  p.pool = RandomNormal(static_cast<size_t>(num_slots) * p.state_size(), seed + 5);
-  switch (gate) {
-    case GateMode::kModel:
-      p.f = RandomNormal(n, seed + 6);
-      p.a_log = RandomUniform(num_heads, seed + 7, 1.0, 16.0);
-      for (double& a : p.a_log) a = std::log(a);
-      p.dt_bias = RandomNormal(width, seed + 8);
-      break;
-    case GateMode::kExtreme:
-    case GateMode::kZero:
-    case GateMode::kAlternating:
-      p.f.resize(n);
-      for (size_t t = 0; t < static_cast<size_t>(total); ++t) {
-        for (size_t m = 0; m < width; ++m) {
-          const bool decay = gate == GateMode::kExtreme ||
-                             (gate == GateMode::kAlternating && (t / 7 + m) % 2 == 0);
-          p.f[t * width + m] = decay ? 25.0 : -30.0;
-        }
-      }
-      p.a_log.assign(num_heads, std::log(16.0));
-      p.dt_bias.assign(width, 0.0);
-      break;
-  }
-  for (auto* x : {&p.q, &p.k, &p.v, &p.f, &p.beta_logits}) RoundToBf16InPlace(*x);
-  for (auto* x : {&p.a_log, &p.dt_bias, &p.pool}) RoundToFloatInPlace(*x);
-  return p;
-}
-
-struct Result {
-  std::vector<double> out;   // [total, H, D]
-  std::vector<double> pool;  // [num_slots, H, D, D]
-};
-
-// The fp64 reference on the problem; states are updated in `pool`, in place.
-void ReferenceStep(const Problem& p, std::vector<double>& pool, std::vector<double>& out) {
-  const int64_t total = p.total();
-  const int64_t rows = total * p.num_heads;
-  std::vector<double> qn(p.q.size()), kn(p.k.size()), g(p.f.size()), beta(p.beta_logits.size());
-  L2NormReference<double>(p.q.data(), rows, p.head_dim, 1e-6, qn.data());
-  L2NormReference<double>(p.k.data(), rows, p.head_dim, 1e-6, kn.data());
-  KdaGateReference<double>(p.f.data(), p.a_log.data(), p.dt_bias.data(), total, p.num_heads,
-                           p.head_dim, g.data());
-  for (size_t i = 0; i < beta.size(); ++i) beta[i] = 1.0 / (1.0 + std::exp(-p.beta_logits[i]));
-  std::vector<int64_t> cu{0};
-  for (int64_t len : p.lengths) cu.push_back(cu.back() + len);
-  std::vector<double*> states;
-  for (int32_t slot : p.slots) states.push_back(pool.data() + slot * p.state_size());
-  out.assign(static_cast<size_t>(rows) * p.head_dim, 0.0);
-  KdaArgs<double> args;
-  args.q = qn.data();
-  args.k = kn.data();
-  args.v = p.v.data();
-  args.g = g.data();
-  args.beta = beta.data();
-  args.cu_seqlens = cu.data();
-  args.num_seqs = p.num_seqs();
-  args.num_heads = p.num_heads;
-  args.head_dim_k = p.head_dim;
-  args.head_dim_v = p.head_dim;
-  args.scale = p.scale();
-  args.states = states.data();
-  args.out = out.data();
-  KdaRecurrentReference(args);
-}
-
-Result Reference(const Problem& p) {
-  Result r;
-  r.pool = p.pool;
-  ReferenceStep(p, r.pool, r.out);
-  return r;
-}
-
-// Device copies of one problem's inputs. The pool is separate so that chains can share it.
-struct DeviceInputs {
-  DeviceBuffer<__nv_bfloat16> q, k, v, f, beta_logits, out;
-  DeviceBuffer<float> a_log, dt_bias;
-  DeviceBuffer<int32_t> cu_seqlens, slots;
-};
-
-cudaError_t UploadInputs(const Problem& p, DeviceInputs& d) {
-  using ::kls::testing::ToBf16;
-  using ::kls::testing::ToFloat;
-  cudaError_t err = cudaSuccess;
-  const auto step = [&err](cudaError_t e) {
-    if (err == cudaSuccess) err = e;
-  };
-  step(Upload(ToBf16(p.q), d.q));
-  step(Upload(ToBf16(p.k), d.k));
-  step(Upload(ToBf16(p.v), d.v));
-  step(Upload(ToBf16(p.f), d.f));
-  step(Upload(ToBf16(p.beta_logits), d.beta_logits));
-  step(Upload(ToFloat(p.a_log), d.a_log));
-  step(Upload(ToFloat(p.dt_bias), d.dt_bias));
-  step(Upload(p.cu_seqlens(), d.cu_seqlens));
-  step(Upload(p.slots, d.slots));
-  step(d.out.Allocate(p.v.size()));
-  step(Poison(d.out));
-  return err;
-}
-
-KdaParams MakeParams(const Problem& p, DeviceInputs& d, float* pool) {
-  KdaParams params;
-  params.q = d.q.get();
-  params.k = d.k.get();
-  params.v = d.v.get();
-  params.f = d.f.get();
-  params.beta_logits = d.beta_logits.get();
-  params.a_log = d.a_log.get();
-  params.dt_bias = d.dt_bias.get();
-  params.cu_seqlens = d.cu_seqlens.get();
-  params.state_pool = pool;
-  params.state_slots = d.slots.get();
-  params.out = d.out.get();
-  params.num_seqs = p.num_seqs();
-  params.total_tokens = p.total();
-  params.max_seqlen = static_cast<int>(*std::max_element(p.lengths.begin(), p.lengths.end()));
-  params.num_heads = p.num_heads;
-  params.head_dim = p.head_dim;
-  params.scale = static_cast<float>(p.scale());
-  return params;
-}
-
 // Runs the kernel once on `p` with its own pool; fills `r`.
-void RunKernel(const Problem& p, cudaStream_t stream, Result& r) {
-  DeviceInputs d;
-  ASSERT_CUDA_OK(UploadInputs(p, d));
+void RunKernel(const KdaProblem& p, cudaStream_t stream, KdaResult& r) {
+  KdaDeviceInputs d;
+  ASSERT_CUDA_OK(UploadKdaInputs(p, d));
   DeviceBuffer<float> pool;
   ASSERT_CUDA_OK(Upload(::kls::testing::ToFloat(p.pool), pool));
-  ASSERT_CUDA_OK(LaunchKdaRecurrent(MakeParams(p, d, pool.get()), stream));
+  ASSERT_CUDA_OK(LaunchKdaRecurrent(MakeKdaParams(p, d, pool.get()), stream));
   ASSERT_CUDA_OK(cudaStreamSynchronize(stream));
   std::vector<__nv_bfloat16> out;
   std::vector<float> pool_host;
@@ -232,45 +68,19 @@ void RunKernel(const Problem& p, cudaStream_t stream, Result& r) {
   r.pool = ::kls::testing::ToDouble(pool_host);
 }
 
-// Slots no sequence uses must be bit-identical after the call.
-void ExpectUntouchedSlots(const Problem& p, const std::vector<double>& pool) {
-  for (int slot = 0; slot < p.num_slots; ++slot) {
-    if (std::find(p.slots.begin(), p.slots.end(), slot) != p.slots.end()) continue;
-    int64_t changed = 0;
-    for (int64_t i = slot * p.state_size(); i < (slot + 1) * p.state_size(); ++i) {
-      if (pool[i] != p.pool[i]) ++changed;
-    }
-    EXPECT_EQ(changed, 0) << "unused slot " << slot << " was written";
-  }
-}
-
-struct KdaCase {
-  std::string name;
-  std::vector<int64_t> lengths;
-  std::vector<int32_t> slots;  // one per sequence
-  int num_slots;
-  int num_heads;
-  int head_dim;
-  GateMode gate;
-  uint64_t seed;
-};
-
-std::ostream& operator<<(std::ostream& os, const KdaCase& c) { return os << c.name; }
-
 class KdaRecurrentTest : public CudaParamTest<KdaCase> {};
 class KdaRecurrentKernelTest : public CudaTest {};
 
 TEST_P(KdaRecurrentTest, MatchesFp64Reference) {
   const KdaCase& c = GetParam();
-  const Problem p =
-      MakeProblem(c.lengths, c.slots, c.num_slots, c.num_heads, c.head_dim, c.gate, c.seed);
-  Result gpu;
+  const KdaProblem p = MakeKdaProblem(c);
+  KdaResult gpu;
   ASSERT_NO_FATAL_FAILURE(RunKernel(p, stream(), gpu));
-  const Result ref = Reference(p);
+  const KdaResult ref = KdaReference(p);
   EXPECT_TRUE(MatchesReference(gpu.out, ref.out, kBf16StateTolerance, kRmsBound)) << "output";
   EXPECT_TRUE(MatchesReference(gpu.pool, ref.pool, kFp32Tolerance, kStateRmsBound))
       << "final states";
-  ExpectUntouchedSlots(p, gpu.pool);
+  ExpectUntouchedKdaSlots(p, gpu.pool);
 }
 
 std::vector<KdaCase> Cases() {
@@ -283,7 +93,7 @@ std::vector<KdaCase> Cases() {
                      3,
                      4,
                      128,
-                     GateMode::kModel,
+                     KdaGateMode::kModel,
                      100 + static_cast<uint64_t>(t)});
   }
   for (int64_t t : {1, 65, 4097}) {
@@ -293,11 +103,11 @@ std::vector<KdaCase> Cases() {
                      3,
                      4,
                      64,
-                     GateMode::kModel,
+                     KdaGateMode::kModel,
                      200 + static_cast<uint64_t>(t)});
   }
-  cases.push_back({"T127_H1_D128", {127}, {0}, 1, 1, 128, GateMode::kModel, 300});
-  cases.push_back({"T3_H32_D128", {3}, {0}, 2, 32, 128, GateMode::kModel, 301});
+  cases.push_back({"T127_H1_D128", {127}, {0}, 1, 1, 128, KdaGateMode::kModel, 300});
+  cases.push_back({"T3_H32_D128", {3}, {0}, 2, 32, 128, KdaGateMode::kModel, 301});
   // Decode batches (1 token per sequence) with non-contiguous slots.
   cases.push_back({"Decode_B7_H32_D128",
                    {1, 1, 1, 1, 1, 1, 1},
@@ -305,23 +115,24 @@ std::vector<KdaCase> Cases() {
                    12,
                    32,
                    128,
-                   GateMode::kModel,
+                   KdaGateMode::kModel,
                    400});
-  cases.push_back({"Decode_B3_H4_D64", {1, 1, 1}, {5, 0, 3}, 6, 4, 64, GateMode::kModel, 401});
+  cases.push_back({"Decode_B3_H4_D64", {1, 1, 1}, {5, 0, 3}, 6, 4, 64, KdaGateMode::kModel, 401});
   cases.push_back({"Decode_B19_H1_D64",
                    std::vector<int64_t>(19, 1),
                    {18, 0, 17, 1, 16, 2, 15, 3, 14, 4, 13, 5, 12, 6, 11, 7, 10, 8, 9},
                    20,
                    1,
                    64,
-                   GateMode::kModel,
+                   KdaGateMode::kModel,
                    402});
   // Ragged varlen batches, an empty sequence (keeps its state).
   cases.push_back(
-      {"Ragged_1_5_64_3_D128", {1, 5, 64, 3}, {5, 0, 3, 7}, 8, 4, 128, GateMode::kModel, 500});
+      {"Ragged_1_5_64_3_D128", {1, 5, 64, 3}, {5, 0, 3, 7}, 8, 4, 128, KdaGateMode::kModel, 500});
   cases.push_back(
-      {"Ragged_1_5_64_3_D64", {1, 5, 64, 3}, {5, 0, 3, 7}, 8, 4, 64, GateMode::kModel, 501});
-  cases.push_back({"Ragged_Empty_3_0_2", {3, 0, 2}, {2, 0, 4}, 5, 4, 128, GateMode::kModel, 502});
+      {"Ragged_1_5_64_3_D64", {1, 5, 64, 3}, {5, 0, 3, 7}, 8, 4, 64, KdaGateMode::kModel, 501});
+  cases.push_back(
+      {"Ragged_Empty_3_0_2", {3, 0, 2}, {2, 0, 4}, 5, 4, 128, KdaGateMode::kModel, 502});
   // Gate extremes: finite, and equal to the reference.
   for (int d : {64, 128}) {
     const std::string dim = "_D" + std::to_string(d);
@@ -331,7 +142,7 @@ std::vector<KdaCase> Cases() {
                      3,
                      4,
                      d,
-                     GateMode::kExtreme,
+                     KdaGateMode::kExtreme,
                      600 + static_cast<uint64_t>(d)});
     cases.push_back({"GateZero" + dim,
                      {1, 200, 20},
@@ -339,7 +150,7 @@ std::vector<KdaCase> Cases() {
                      3,
                      4,
                      d,
-                     GateMode::kZero,
+                     KdaGateMode::kZero,
                      700 + static_cast<uint64_t>(d)});
     cases.push_back({"GateAlternating" + dim,
                      {1, 100, 20},
@@ -347,7 +158,7 @@ std::vector<KdaCase> Cases() {
                      3,
                      4,
                      d,
-                     GateMode::kAlternating,
+                     KdaGateMode::kAlternating,
                      800 + static_cast<uint64_t>(d)});
   }
   return cases;
@@ -358,57 +169,27 @@ INSTANTIATE_TEST_SUITE_P(Shapes, KdaRecurrentTest, ::testing::ValuesIn(Cases()),
                            return info.param.name;
                          });
 
-// The tokens [from, from + count) of every sequence of `p`, as their own problem (the pool is
-// not copied).
-Problem Slice(const Problem& p, const std::vector<int64_t>& from,
-              const std::vector<int64_t>& count) {
-  Problem s;
-  s.num_heads = p.num_heads;
-  s.head_dim = p.head_dim;
-  s.num_slots = p.num_slots;
-  s.slots = p.slots;
-  s.a_log = p.a_log;
-  s.dt_bias = p.dt_bias;
-  s.lengths = count;
-  const size_t width = static_cast<size_t>(p.num_heads) * p.head_dim;
-  int64_t bos = 0;
-  for (int n = 0; n < p.num_seqs(); ++n) {
-    for (int64_t t = bos + from[n]; t < bos + from[n] + count[n]; ++t) {
-      const auto append = [&](const std::vector<double>& src, std::vector<double>& dst, size_t w) {
-        dst.insert(dst.end(), src.begin() + t * w, src.begin() + (t + 1) * w);
-      };
-      append(p.q, s.q, width);
-      append(p.k, s.k, width);
-      append(p.v, s.v, width);
-      append(p.f, s.f, width);
-      append(p.beta_logits, s.beta_logits, p.num_heads);
-    }
-    bos += p.lengths[n];
-  }
-  return s;
-}
-
 // Decode chain: one call over A+B tokens equals A tokens in one call followed by B calls of one
 // token per sequence, on outputs and final states.
 TEST_F(KdaRecurrentKernelTest, ChainEqualsOneCall) {
   const std::vector<int64_t> a = {37, 1, 20}, b = {5, 5, 5};
   std::vector<int64_t> lengths;
   for (size_t n = 0; n < a.size(); ++n) lengths.push_back(a[n] + b[n]);
-  const Problem whole = MakeProblem(lengths, {4, 1, 2}, 5, 4, 128, GateMode::kModel, 900);
-  Result one_call;
+  const KdaProblem whole = MakeKdaProblem(lengths, {4, 1, 2}, 5, 4, 128, KdaGateMode::kModel, 900);
+  KdaResult one_call;
   ASSERT_NO_FATAL_FAILURE(RunKernel(whole, stream(), one_call));
 
   DeviceBuffer<float> pool;
   ASSERT_CUDA_OK(Upload(::kls::testing::ToFloat(whole.pool), pool));
   std::vector<std::vector<double>> outs;  // per call, [tokens of the call, H, D]
-  std::vector<Problem> calls = {Slice(whole, {0, 0, 0}, a)};
+  std::vector<KdaProblem> calls = {SliceKdaProblem(whole, {0, 0, 0}, a)};
   for (int64_t i = 0; i < 5; ++i) {
-    calls.push_back(Slice(whole, {a[0] + i, a[1] + i, a[2] + i}, {1, 1, 1}));
+    calls.push_back(SliceKdaProblem(whole, {a[0] + i, a[1] + i, a[2] + i}, {1, 1, 1}));
   }
-  for (const Problem& call : calls) {
-    DeviceInputs d;
-    ASSERT_CUDA_OK(UploadInputs(call, d));
-    ASSERT_CUDA_OK(LaunchKdaRecurrent(MakeParams(call, d, pool.get()), stream()));
+  for (const KdaProblem& call : calls) {
+    KdaDeviceInputs d;
+    ASSERT_CUDA_OK(UploadKdaInputs(call, d));
+    ASSERT_CUDA_OK(LaunchKdaRecurrent(MakeKdaParams(call, d, pool.get()), stream()));
     ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
     std::vector<__nv_bfloat16> out;
     ASSERT_CUDA_OK(Download(d.out, out));
@@ -434,7 +215,7 @@ TEST_F(KdaRecurrentKernelTest, ChainEqualsOneCall) {
   EXPECT_TRUE(MatchesReference(::kls::testing::ToDouble(pool_host), one_call.pool, kFp32Tolerance,
                                kStateRmsBound));
   // And both against the reference.
-  const Result ref = Reference(whole);
+  const KdaResult ref = KdaReference(whole);
   EXPECT_TRUE(MatchesReference(one_call.out, ref.out, kBf16StateTolerance, kRmsBound));
   EXPECT_TRUE(MatchesReference(one_call.pool, ref.pool, kFp32Tolerance, kStateRmsBound));
 }
@@ -442,12 +223,12 @@ TEST_F(KdaRecurrentKernelTest, ChainEqualsOneCall) {
 // The launcher records into a CUDA graph (no synchronization, no allocation) and each replay is
 // one decode step.
 TEST_F(KdaRecurrentKernelTest, ReplaysInCudaGraph) {
-  const Problem p = MakeProblem({1, 1, 1}, {2, 0, 1}, 3, 32, 128, GateMode::kModel, 1000);
-  DeviceInputs d;
-  ASSERT_CUDA_OK(UploadInputs(p, d));
+  const KdaProblem p = MakeKdaProblem({1, 1, 1}, {2, 0, 1}, 3, 32, 128, KdaGateMode::kModel, 1000);
+  KdaDeviceInputs d;
+  ASSERT_CUDA_OK(UploadKdaInputs(p, d));
   DeviceBuffer<float> pool;
   ASSERT_CUDA_OK(Upload(::kls::testing::ToFloat(p.pool), pool));
-  const KdaParams params = MakeParams(p, d, pool.get());
+  const KdaParams params = MakeKdaParams(p, d, pool.get());
 
   // Capture on a stream of its own that never synchronizes with the legacy default stream.
   cudaStream_t capture = nullptr;
@@ -471,8 +252,8 @@ TEST_F(KdaRecurrentKernelTest, ReplaysInCudaGraph) {
   ASSERT_CUDA_OK(Download(d.out, out));
   ASSERT_CUDA_OK(Download(pool, pool_host));
   std::vector<double> ref_pool = p.pool, ref_out;
-  ReferenceStep(p, ref_pool, ref_out);  // first replay
-  ReferenceStep(p, ref_pool, ref_out);  // second replay: same token, evolved state
+  KdaReferenceStep(p, ref_pool, ref_out);  // first replay
+  KdaReferenceStep(p, ref_pool, ref_out);  // second replay: same token, evolved state
   EXPECT_TRUE(
       MatchesReference(::kls::testing::Bf16ToDouble(out), ref_out, kBf16StateTolerance, kRmsBound));
   EXPECT_TRUE(MatchesReference(::kls::testing::ToDouble(pool_host), ref_pool, kFp32Tolerance,
@@ -481,15 +262,15 @@ TEST_F(KdaRecurrentKernelTest, ReplaysInCudaGraph) {
 
 // All sequences empty: success, nothing written.
 TEST_F(KdaRecurrentKernelTest, NoTokensIsANoOp) {
-  Problem p = MakeProblem({0, 0}, {0, 1}, 2, 4, 64, GateMode::kModel, 1100);
-  DeviceInputs d;
-  ASSERT_CUDA_OK(UploadInputs(p, d));
+  KdaProblem p = MakeKdaProblem({0, 0}, {0, 1}, 2, 4, 64, KdaGateMode::kModel, 1100);
+  KdaDeviceInputs d;
+  ASSERT_CUDA_OK(UploadKdaInputs(p, d));
   // Zero-sized inputs have no allocation; the launcher still wants non-null pointers.
   DeviceBuffer<__nv_bfloat16> dummy;
   ASSERT_CUDA_OK(dummy.Allocate(64));
   DeviceBuffer<float> pool;
   ASSERT_CUDA_OK(Upload(::kls::testing::ToFloat(p.pool), pool));
-  KdaParams params = MakeParams(p, d, pool.get());
+  KdaParams params = MakeKdaParams(p, d, pool.get());
   params.q = params.k = params.v = params.f = params.beta_logits = dummy.get();
   params.out = dummy.get();
   ASSERT_CUDA_OK(LaunchKdaRecurrent(params, stream()));
@@ -500,12 +281,12 @@ TEST_F(KdaRecurrentKernelTest, NoTokensIsANoOp) {
 }
 
 TEST_F(KdaRecurrentKernelTest, RejectsBadArguments) {
-  const Problem p = MakeProblem({2, 1}, {0, 1}, 2, 4, 64, GateMode::kModel, 1200);
-  DeviceInputs d;
-  ASSERT_CUDA_OK(UploadInputs(p, d));
+  const KdaProblem p = MakeKdaProblem({2, 1}, {0, 1}, 2, 4, 64, KdaGateMode::kModel, 1200);
+  KdaDeviceInputs d;
+  ASSERT_CUDA_OK(UploadKdaInputs(p, d));
   DeviceBuffer<float> pool;
   ASSERT_CUDA_OK(Upload(::kls::testing::ToFloat(p.pool), pool));
-  const KdaParams good = MakeParams(p, d, pool.get());
+  const KdaParams good = MakeKdaParams(p, d, pool.get());
 
   KdaParams bad = good;
   bad.head_dim = 96;

@@ -21,7 +21,9 @@
 namespace kls::kernels {
 namespace {
 
+using ::kls::testing::Bf16Normal;
 using ::kls::testing::Bf16ToDouble;
+using ::kls::testing::Bf16Uniform;
 using ::kls::testing::CudaParamTest;
 using ::kls::testing::CudaTest;
 using ::kls::testing::DeviceBuffer;
@@ -29,27 +31,12 @@ using ::kls::testing::Download;
 using ::kls::testing::kBf16StateTolerance;
 using ::kls::testing::MatchesReference;
 using ::kls::testing::Poison;
-using ::kls::testing::RandomNormal;
-using ::kls::testing::RandomUniform;
-using ::kls::testing::RoundToBf16InPlace;
 using ::kls::testing::ToBf16;
 using ::kls::testing::Upload;
 
 constexpr double kRmsBound = 5e-3;
 constexpr float kRmsEps = 1e-5f;
 constexpr float kL2Eps = 1e-6f;
-
-std::vector<double> Bf16Normal(size_t n, uint64_t seed, double mean = 0.0, double stddev = 1.0) {
-  std::vector<double> v = RandomNormal(n, seed, mean, stddev);
-  RoundToBf16InPlace(v);
-  return v;
-}
-
-std::vector<double> Bf16Uniform(size_t n, uint64_t seed, double lo, double hi) {
-  std::vector<double> v = RandomUniform(n, seed, lo, hi);
-  RoundToBf16InPlace(v);
-  return v;
-}
 
 std::vector<double> ToHost(const DeviceBuffer<__nv_bfloat16>& d) {
   std::vector<__nv_bfloat16> h;
