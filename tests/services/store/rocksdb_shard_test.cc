@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "rocksdb/status.h"
+#include "tests/services/store/store_test_util.h"
 #include "tests/test_util.h"
 
 namespace kls::store {
@@ -23,37 +24,6 @@ namespace {
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::Optional;
-
-constexpr Family kSessions = kls::v1::COLUMN_FAMILY_SESSIONS;
-constexpr Family kState = kls::v1::COLUMN_FAMILY_STATE;
-constexpr Family kBlocks = kls::v1::COLUMN_FAMILY_BLOCKS;
-constexpr Family kTokens = kls::v1::COLUMN_FAMILY_TOKENS;
-
-std::string RandomBytes(size_t n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::string bytes(n, '\0');
-  for (size_t i = 0; i < n; ++i) bytes[i] = static_cast<char>(rng() & 0xff);
-  return bytes;
-}
-
-std::string RecordValue(uint64_t version) {
-  kls::v1::SessionRecord record;
-  record.set_tenant("t");
-  record.set_session_id("s");
-  record.set_version(version);
-  return record.SerializeAsString();
-}
-
-WriteOp Put(Family family, std::string key, std::string value) {
-  return WriteOp{family, std::move(key), false, std::move(value)};
-}
-WriteOp Delete(Family family, std::string key) { return WriteOp{family, std::move(key), true, {}}; }
-WriteBatchSpec Batch(std::vector<WriteOp> ops, bool sync = false) {
-  WriteBatchSpec batch;
-  batch.ops = std::move(ops);
-  batch.sync = sync;
-  return batch;
-}
 
 class RocksDbShardTest : public ::testing::Test {
  protected:

@@ -18,6 +18,7 @@
 #include "absl/time/clock.h"
 #include "common/rendezvous.h"
 #include "services/store/rocksdb_shard.h"
+#include "tests/services/store/store_test_util.h"
 #include "tests/test_util.h"
 
 namespace kls::store {
@@ -59,13 +60,6 @@ class SwitchableShard final : public Shard {
   std::unique_ptr<RocksDbShard> inner_;
   std::atomic<bool> down_{false};
 };
-
-std::string RandomBytes(size_t n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::string bytes(n, '\0');
-  for (size_t i = 0; i < n; ++i) bytes[i] = static_cast<char>(rng() & 0xff);
-  return bytes;
-}
 
 // A 16-byte block key.
 std::string BlockKey(int i) { return absl::StrFormat("block-%010d", i); }
