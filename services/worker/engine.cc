@@ -102,6 +102,7 @@ struct HotSession {
   std::vector<Hash128> full_block_hashes;  // chained hashes of the full blocks of fed tokens
   int durable_full_blocks = 0;             // full blocks known to be in the store
   bool writeback_scheduled = false;
+  uint64_t generation = 0;  // distinguishes this copy from later copies of the same session
   std::list<HotSession*>::iterator lru;
 
   bool dirty() const { return !base.has_value() || base->version() != record.version(); }
@@ -208,7 +209,9 @@ class Engine::Impl {
           system_tokens = std::move(system_tokens), done = std::move(done)]() mutable {
       if (draining_) return done(absl::UnavailableError("worker is draining"));
       const std::string key = Key(tenant, request.session_id());
-      if (busy_.contains(key) || hot_.contains(key)) {
+      // Only an operation in flight blocks the id; the store's create check is authoritative (a
+      // stale hot copy of a deleted or expired session is replaced on success).
+      if (busy_.contains(key)) {
         return done(absl::AlreadyExistsError(
             absl::StrCat("session ", request.session_id(), " already exists")));
       }
@@ -316,7 +319,7 @@ class Engine::Impl {
       const std::string source_key = Key(tenant, request.session_id());
       const std::string child_key = Key(tenant, request.new_session_id());
       if (busy_.contains(source_key)) return done(Busy(request.session_id()));
-      if (busy_.contains(child_key) || hot_.contains(child_key)) {
+      if (busy_.contains(child_key)) {
         return done(absl::AlreadyExistsError(
             absl::StrCat("session ", request.new_session_id(), " already exists")));
       }
@@ -426,19 +429,40 @@ class Engine::Impl {
       }
       for (auto& event : events) event();
       events.clear();
-      if (stopping) break;
+      if (stopping) {
+        // Fail what runs or waits, then keep handling the results the pools still post (so
+        // every request gets its answer) until nothing is left.
+        draining_ = true;
+        FailAllTurns();
+        bool quiet;
+        {
+          absl::MutexLock lock(&mu_);
+          quiet = events_.empty() && io_.Pending() == 0 && commits_.Pending() == 0;
+        }
+        if (quiet) break;
+        absl::SleepFor(absl::Milliseconds(1));
+        continue;
+      }
       Admit();
       if (!active_.empty()) Step();
       Evict();
       PublishLoad();
     }
+    FailAllTurns();
+  }
+
+  void FailAllTurns() {
+    const absl::Status status = absl::UnavailableError("worker shutting down; turn not committed");
     for (auto& turn : active_) {
       Rollback(*turn);
-      turn->sink->OnDone(absl::UnavailableError("worker shutting down; turn not committed"), {});
+      busy_.erase(turn->key);
+      turn->sink->OnDone(status, {});
     }
     active_.clear();
     for (auto& turn : waiting_) {
-      turn->sink->OnDone(absl::UnavailableError("worker shutting down; turn not committed"), {});
+      Rollback(*turn);
+      busy_.erase(turn->key);
+      turn->sink->OnDone(status, {});
     }
     waiting_.clear();
   }
@@ -463,6 +487,7 @@ class Engine::Impl {
   HotSession* Install(std::unique_ptr<HotSession> session) {
     Drop(session->key);
     HotSession* raw = session.get();
+    raw->generation = ++generations_;
     lru_.push_front(raw);
     raw->lru = lru_.begin();
     hot_[raw->key] = std::move(session);
@@ -539,7 +564,10 @@ class Engine::Impl {
     session->key = key;
     absl::StatusOr<std::vector<int32_t>> history = store_->GetTokens(stored.session_id());
     if (!history.ok()) {
-      // Without the history nothing can be rebuilt: the session is lost.
+      // A store outage is the caller's to retry; a lost history cannot be rebuilt.
+      if (!absl::IsNotFound(history.status()) && !absl::IsDataLoss(history.status())) {
+        return history.status();
+      }
       return absl::DataLossError(
           absl::StrCat("session ", stored.session_id(),
                        ": cannot read its token history: ", history.status().message()));
@@ -555,7 +583,9 @@ class Engine::Impl {
     const int64_t fed = static_cast<int64_t>(stored.num_fed_tokens());
     absl::Status loaded = absl::OkStatus();
     if (fed > 0) loaded = LoadState(stored, fed, session.get());
-    if (absl::IsFailedPrecondition(loaded)) return loaded;  // another model or format
+    // Rebuild only what is lost or corrupt; another model or format, or a store that cannot be
+    // reached, fails the turn instead (the latter with UNAVAILABLE, which the router retries).
+    if (!loaded.ok() && !absl::IsDataLoss(loaded) && !absl::IsNotFound(loaded)) return loaded;
     if (!loaded.ok()) {
       KLS_LOG(WARNING) << "session " << stored.session_id() << " v" << stored.version()
                        << ": state unreadable (" << loaded.message()
@@ -904,28 +934,33 @@ class Engine::Impl {
       return FailTurn(std::move(turn), commit.status());
     }
     const absl::Time commit_start = absl::Now();
-    commits_.Schedule(
-        [this, commit = *std::move(commit), turn = std::move(turn), commit_start]() mutable {
-          absl::Status status = store_->Commit(commit);
-          Post([this, status, record = std::move(commit.record), turn = std::move(turn),
-                commit_start]() mutable {
-            HotSession& s = *turn->session;
-            if (!status.ok()) {
-              commit_failures_.fetch_add(1);
-              KLS_LOG(WARNING) << "commit of session " << turn->params.session_id << " v"
-                               << record.version() << " failed: " << status;
-              Rollback(*turn);
-              const std::string key = turn->key;
-              FailTurn(std::move(turn), status);
-              if (absl::IsAborted(status)) Drop(key);  // another worker owns the session now
-              return;
-            }
-            MarkDurable(s, record);
-            turn->final.mutable_timings()->set_commit_ms(MsBetween(commit_start, absl::Now()));
-            busy_.erase(turn->key);
-            turn->sink->OnDone(absl::OkStatus(), std::move(turn->final));
-          });
-        });
+    const std::optional<uint64_t> expected = commit->expected_version;
+    commits_.Schedule([this, commit = *std::move(commit), turn = std::move(turn), commit_start,
+                       expected]() mutable {
+      absl::Status status = store_->Commit(commit);
+      Post([this, status, record = std::move(commit.record), turn = std::move(turn), commit_start,
+            expected]() mutable {
+        HotSession& s = *turn->session;
+        if (!status.ok()) {
+          commit_failures_.fetch_add(1);
+          KLS_LOG(WARNING) << "commit of session " << turn->params.session_id << " v"
+                           << record.version() << " failed: " << status;
+          // ABORTED means another worker owns the session only if this commit expected the
+          // version the store is known to hold; otherwise an earlier commit of ours failed.
+          const bool foreign = absl::IsAborted(status) && ExpectedDurable(s, expected);
+          Rollback(*turn);
+          s.base = s.durable;  // earlier commits have all reported (the lane is FIFO)
+          const std::string key = turn->key;
+          FailTurn(std::move(turn), status);
+          if (foreign) Drop(key);
+          return;
+        }
+        MarkDurable(s, record);
+        turn->final.mutable_timings()->set_commit_ms(MsBetween(commit_start, absl::Now()));
+        busy_.erase(turn->key);
+        turn->sink->OnDone(absl::OkStatus(), std::move(turn->final));
+      });
+    });
   }
 
   // ---- Commits -------------------------------------------------------------------------------
@@ -992,6 +1027,12 @@ class Engine::Impl {
     return c;
   }
 
+  // Whether a commit that expected `expected` expected what the store is known to hold.
+  static bool ExpectedDurable(const HotSession& s, const std::optional<uint64_t>& expected) {
+    if (!s.durable.has_value()) return !expected.has_value();
+    return expected.has_value() && *expected == s.durable->version();
+  }
+
   void MarkDurable(HotSession& s, const SessionRecord& committed) {
     if (!s.durable.has_value() || committed.version() >= s.durable->version()) {
       s.durable = committed;
@@ -1011,18 +1052,21 @@ class Engine::Impl {
     }
     if (writeback) s.writeback_scheduled = true;
     const std::string key = s.key;
-    commits_.Schedule([this, key, commit = *std::move(commit)]() mutable {
+    const uint64_t generation = s.generation;
+    const std::optional<uint64_t> expected = commit->expected_version;
+    commits_.Schedule([this, key, generation, expected, commit = *std::move(commit)]() mutable {
       absl::Status status = store_->Commit(commit);
-      Post([this, key, status, record = std::move(commit.record)] {
+      Post([this, key, generation, expected, status, record = std::move(commit.record)] {
         HotSession* s = Find(key);
-        if (s == nullptr) return;
+        if (s == nullptr || s->generation != generation) return;  // another copy by now
         s->writeback_scheduled = false;
         if (status.ok()) return MarkDurable(*s, record);
         commit_failures_.fetch_add(1);
         KLS_LOG(WARNING) << "background commit of " << key << " v" << record.version()
                          << " failed: " << status;
+        const bool foreign = absl::IsAborted(status) && ExpectedDurable(*s, expected);
         s->base = s->durable;
-        if (absl::IsAborted(status) && !busy_.contains(key)) Drop(key);
+        if (foreign && !busy_.contains(key)) Drop(key);
       });
     });
   }
@@ -1156,6 +1200,7 @@ class Engine::Impl {
   std::vector<std::unique_ptr<ActiveTurn>> active_;
   std::vector<float> logits_;
   bool draining_ = false;
+  uint64_t generations_ = 0;
 
   // Published by the engine thread for GetLoad and Drain.
   std::atomic<uint32_t> active_count_{0}, queued_count_{0}, hot_count_{0};

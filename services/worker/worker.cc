@@ -58,7 +58,8 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& opti
 Worker::~Worker() {
   stop_gc_.Notify();
   if (gc_thread_.joinable()) gc_thread_.join();
-  engine_.reset();  // before the store it uses
+  service_.reset();  // the service points at the engine
+  engine_.reset();   // before the store it uses
 }
 
 void Worker::AttachHealth(grpc::HealthCheckServiceInterface* health) {
