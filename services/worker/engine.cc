@@ -102,6 +102,9 @@ struct HotSession {
   std::vector<Hash128> full_block_hashes;  // chained hashes of the full blocks of fed tokens
   int durable_full_blocks = 0;             // full blocks known to be in the store
   bool writeback_scheduled = false;
+  // Backoff of write-backs after a failure, so a store outage is not hammered every step.
+  absl::Time next_writeback = absl::InfinitePast();
+  absl::Duration writeback_backoff = absl::Milliseconds(100);
   uint64_t generation = 0;  // distinguishes this copy from later copies of the same session
   std::list<HotSession*>::iterator lru;
 
@@ -363,7 +366,8 @@ class Engine::Impl {
     const absl::Time deadline = absl::Now() + timeout;
     draining_flag_ = true;
     Post([this] { draining_ = true; });
-    // Running turns and their commits finish; then every dirty hot session is written back.
+    // Running turns and their commits finish; then every hot session whose latest version is not
+    // durable is written back, again and again until it is or the deadline passes.
     auto wait_idle = [&]() -> bool {
       while (absl::Now() < deadline) {
         if (idle_.load() && commits_.Pending() == 0 && io_.Pending() == 0) return true;
@@ -372,14 +376,30 @@ class Engine::Impl {
       return false;
     };
     if (!wait_idle()) return absl::DeadlineExceededError("drain: turns still running");
-    std::atomic<bool> scheduled{false};
-    Post([this, &scheduled] {
-      for (auto& [key, session] : hot_) ScheduleWriteback(*session);
-      scheduled = true;
-    });
-    while (!scheduled.load()) absl::SleepFor(absl::Milliseconds(1));
-    if (!wait_idle()) return absl::DeadlineExceededError("drain: write-back did not finish");
-    return absl::OkStatus();
+    int not_durable = -1;
+    while (absl::Now() < deadline) {
+      auto count = std::make_shared<std::atomic<int>>(-1);
+      Post([this, count] {
+        int n = 0;
+        for (auto& [key, session] : hot_) {
+          if (session->durable.has_value() &&
+              session->durable->version() == session->record.version()) {
+            continue;
+          }
+          ++n;
+          session->next_writeback = absl::InfinitePast();  // no backoff while draining
+          ScheduleWriteback(*session);
+        }
+        *count = n;
+      });
+      while (count->load() < 0 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
+      not_durable = count->load();
+      if (not_durable == 0) return absl::OkStatus();
+      if (!wait_idle()) break;
+      absl::SleepFor(absl::Milliseconds(20));  // a store that refused is retried, not hammered
+    }
+    return absl::DeadlineExceededError(absl::StrCat(
+        "drain: ", not_durable, " hot sessions could not be written back before the deadline"));
   }
 
  private:
@@ -473,7 +493,7 @@ class Engine::Impl {
     hot_bytes_ = static_cast<uint64_t>(bytes);
     hot_count_ = static_cast<uint32_t>(hot_.size());
     active_count_ = static_cast<uint32_t>(active_.size());
-    queued_count_ = static_cast<uint32_t>(busy_.size() - active_.size());  // active ⊆ busy
+    queued_count_ = static_cast<uint32_t>(waiting_.size() + preparing_);
     idle_ = active_.empty() && waiting_.empty() && busy_.empty();
   }
 
@@ -655,10 +675,12 @@ class Engine::Impl {
       return turn->sink->OnDone(Busy(turn->params.session_id), {});
     }
     busy_.insert(turn->key);
+    ++preparing_;
     const std::string tenant = turn->params.tenant, session_id = turn->params.session_id;
     WithSession(tenant, session_id,
                 [this, turn = std::move(turn)](absl::StatusOr<HotSession*> session,
                                                double restore_ms, bool rebuilt) mutable {
+                  --preparing_;
                   if (!session.ok()) return FailTurn(std::move(turn), session.status());
                   turn->restore_ms = restore_ms;
                   turn->restored = restore_ms > 0 || rebuilt;
@@ -1060,7 +1082,12 @@ class Engine::Impl {
         HotSession* s = Find(key);
         if (s == nullptr || s->generation != generation) return;  // another copy by now
         s->writeback_scheduled = false;
-        if (status.ok()) return MarkDurable(*s, record);
+        if (status.ok()) {
+          s->writeback_backoff = absl::Milliseconds(100);
+          return MarkDurable(*s, record);
+        }
+        s->next_writeback = absl::Now() + s->writeback_backoff;
+        s->writeback_backoff = std::min(2 * s->writeback_backoff, absl::Seconds(10));
         commit_failures_.fetch_add(1);
         KLS_LOG(WARNING) << "background commit of " << key << " v" << record.version()
                          << " failed: " << status;
@@ -1072,7 +1099,8 @@ class Engine::Impl {
   }
 
   void ScheduleWriteback(HotSession& s) {
-    if (s.dirty() && !s.writeback_scheduled && !busy_.contains(s.key)) {
+    if (s.dirty() && !s.writeback_scheduled && !busy_.contains(s.key) &&
+        absl::Now() >= s.next_writeback) {
       ScheduleCommit(s, /*writeback=*/true);
     }
   }
@@ -1201,6 +1229,7 @@ class Engine::Impl {
   std::vector<float> logits_;
   bool draining_ = false;
   uint64_t generations_ = 0;
+  size_t preparing_ = 0;  // turns reading their record or restoring
 
   // Published by the engine thread for GetLoad and Drain.
   std::atomic<uint32_t> active_count_{0}, queued_count_{0}, hot_count_{0};

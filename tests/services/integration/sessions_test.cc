@@ -436,6 +436,38 @@ TEST(EvictionTest, SessionsEvictedUnderTheBudgetRestoreExactly) {
   }
 }
 
+// Drain writes back NONE turns; when the store is gone it keeps retrying and then says how many
+// sessions it could not write instead of claiming success.
+TEST(DrainTest, ReportsSessionsItCouldNotWriteBack) {
+  auto shard_server = std::make_unique<ServedStoreShard>();
+  store::RocksDbShardOptions shard_options;
+  shard_options.dir = ScratchDir() + "/shard";
+  absl::StatusOr<std::unique_ptr<store::RocksDbShard>> shard =
+      store::RocksDbShard::Open(shard_options);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  shard_server->shard = *std::move(shard);
+  shard_server->service = std::make_unique<store::StateStoreService>(
+      shard_server->shard.get(), store::StateStoreServiceOptions());
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(shard_server->service.get());
+  shard_server->server = builder.BuildAndStart();
+  worker::WorkerOptions options;
+  options.store_targets = {"127.0.0.1:" + std::to_string(port)};
+  std::unique_ptr<ServedWorker> worker = StartWorker(options);
+  ASSERT_NE(worker, nullptr);
+  std::unique_ptr<ServedRouter> router = StartRouter({worker->address});
+  ASSERT_TRUE(CreateSession(router->client.get(), "unsaved").ok());
+  kls::v1::GenerateRequest request = TokensTurn("unsaved", InputTokens(5, 3), kTurnTokens);
+  request.set_commit(kls::v1::COMMIT_POLICY_NONE);
+  ASSERT_TRUE(RunTurn(router->client.get(), request).status.ok());
+  shard_server.reset();  // the store goes away
+  const absl::Status drained = worker->worker->Drain(absl::Seconds(2));
+  EXPECT_EQ(drained.code(), absl::StatusCode::kDeadlineExceeded) << drained;
+  EXPECT_NE(std::string(drained.message()).find("1 hot sessions"), std::string::npos) << drained;
+}
+
 // Two workers over two remote store shards: the worker holding a session goes away and the
 // next turn restores on the other one, exactly.
 TEST(MultiWorkerTest, NextTurnRestoresOnTheOtherWorker) {
