@@ -257,19 +257,27 @@ class Engine::Impl {
             if (absl::IsNotFound(stored.status())) DropIfIdle(key);
             return done(stored.status());
           }
-          const SessionRecord* record = &*stored;
-          const std::vector<int32_t>* history = &tokens;
+          SessionRecord record = *std::move(stored);
           HotSession* hot = Find(key);
-          if (hot != nullptr && hot->Continues(*stored)) {
-            record = &hot->record;
-            history = &hot->history;
+          // The hot copy may be ahead of the store (NONE / ASYNC turns); while a turn or its SYNC
+          // commit is in flight it may still roll back, so the durable version is reported then.
+          if (hot != nullptr && hot->Continues(record)) {
+            const bool settled = !busy_.contains(key);
+            record = settled ? hot->record : *hot->durable;
+            if (request.include_history()) {
+              tokens.assign(hot->history.begin(),
+                            hot->history.begin() + record.num_history_tokens());
+            }
           }
-          kls::v1::Session view = SessionView(*record);
-          if (request.include_history()) {
-            view.mutable_history_tokens()->Assign(history->begin(), history->end());
-            view.set_history_text(DecodeForDisplay(*history));
-          }
-          done(std::move(view));
+          kls::v1::Session view = SessionView(record);
+          if (!request.include_history()) return done(std::move(view));
+          // Decoding a long history is not the engine thread's work.
+          io_.Schedule([this, view = std::move(view), tokens = std::move(tokens),
+                        done = std::move(done)]() mutable {
+            view.mutable_history_tokens()->Assign(tokens.begin(), tokens.end());
+            view.set_history_text(DecodeForDisplay(tokens));
+            done(std::move(view));
+          });
         });
       });
     });
