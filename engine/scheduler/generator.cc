@@ -13,7 +13,8 @@ double SecondsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// True when no logit is NaN and at least one is finite.
+}  // namespace
+
 bool LogitsAreSamplable(std::span<const float> logits) {
   bool any_finite = false;
   for (float x : logits) {
@@ -22,8 +23,6 @@ bool LogitsAreSamplable(std::span<const float> logits) {
   }
   return any_finite;
 }
-
-}  // namespace
 
 absl::StatusOr<LoadedModel> LoadModel(const std::string& model_dir) {
   LoadedModel model;

@@ -9,7 +9,7 @@
 #include "absl/strings/str_split.h"
 #include "common/file_util.h"
 #include "common/status_macros.h"
-#include "services/router/session_ids.h"
+#include "services/common/session_ids.h"
 
 namespace kls::router {
 
@@ -33,7 +33,7 @@ absl::StatusOr<ApiKeys> ApiKeys::Parse(std::string_view text, std::string_view s
     }
     std::string key(fields[0]);
     std::string tenant(fields[1]);
-    if (absl::Status s = ValidateSessionId("tenant", tenant); !s.ok()) {
+    if (absl::Status s = services::ValidateSessionId("tenant", tenant); !s.ok()) {
       return absl::InvalidArgumentError(absl::StrCat(source, ":", line_number, ": ", s.message()));
     }
     auto [it, inserted] = line_of_key.emplace(key, line_number);

@@ -18,7 +18,7 @@
 #include "absl/synchronization/mutex.h"
 #include "kls/v1/worker.grpc.pb.h"
 #include "services/common/grpc_status.h"
-#include "services/router/session_ids.h"
+#include "services/common/session_ids.h"
 
 namespace kls::router {
 namespace {
@@ -447,11 +447,12 @@ grpc::ServerUnaryReactor* RouterService::CreateSession(grpc::CallbackServerConte
   worker_request.set_tenant(*tenant);
   *worker_request.mutable_request() = *request;
   if (request->session_id().empty()) {
-    worker_request.mutable_request()->set_session_id(NewSessionId());
-  } else if (absl::Status s = ValidateSessionId("session_id", request->session_id()); !s.ok()) {
+    worker_request.mutable_request()->set_session_id(services::NewSessionId());
+  } else if (absl::Status s = services::ValidateSessionId("session_id", request->session_id());
+             !s.ok()) {
     return Reject(context, s);
   }
-  std::string key = PlacementKey(*tenant, worker_request.request().session_id());
+  std::string key = services::PlacementKey(*tenant, worker_request.request().session_id());
   std::vector<EndpointPtr> candidates = SessionCandidates(key);
   return StartUnary(context, pool_, std::move(candidates), std::move(worker_request), response,
                     &WorkerAsync::CreateSession, [this, key](const WorkerEndpoint& worker) {
@@ -464,13 +465,13 @@ grpc::ServerUnaryReactor* RouterService::GetSession(grpc::CallbackServerContext*
                                                     kls::v1::Session* response) {
   absl::StatusOr<std::string> tenant = Authenticate(*context);
   if (!tenant.ok()) return Reject(context, tenant.status());
-  if (absl::Status s = ValidateSessionId("session_id", request->session_id()); !s.ok()) {
+  if (absl::Status s = services::ValidateSessionId("session_id", request->session_id()); !s.ok()) {
     return Reject(context, s);
   }
   kls::v1::WorkerGetSessionRequest worker_request;
   worker_request.set_tenant(*tenant);
   *worker_request.mutable_request() = *request;
-  std::string key = PlacementKey(*tenant, request->session_id());
+  std::string key = services::PlacementKey(*tenant, request->session_id());
   std::vector<EndpointPtr> candidates = SessionCandidates(key);
   return StartUnary(context, pool_, std::move(candidates), std::move(worker_request), response,
                     &WorkerAsync::GetSession, [this, key](const WorkerEndpoint& worker) {
@@ -495,13 +496,13 @@ grpc::ServerUnaryReactor* RouterService::DeleteSession(grpc::CallbackServerConte
                                                        kls::v1::DeleteSessionResponse* response) {
   absl::StatusOr<std::string> tenant = Authenticate(*context);
   if (!tenant.ok()) return Reject(context, tenant.status());
-  if (absl::Status s = ValidateSessionId("session_id", request->session_id()); !s.ok()) {
+  if (absl::Status s = services::ValidateSessionId("session_id", request->session_id()); !s.ok()) {
     return Reject(context, s);
   }
   kls::v1::WorkerDeleteSessionRequest worker_request;
   worker_request.set_tenant(*tenant);
   *worker_request.mutable_request() = *request;
-  std::string key = PlacementKey(*tenant, request->session_id());
+  std::string key = services::PlacementKey(*tenant, request->session_id());
   std::vector<EndpointPtr> candidates = SessionCandidates(key);
   return StartUnary(context, pool_, std::move(candidates), std::move(worker_request), response,
                     &WorkerAsync::DeleteSession,
@@ -513,20 +514,21 @@ grpc::ServerUnaryReactor* RouterService::ForkSession(grpc::CallbackServerContext
                                                      kls::v1::Session* response) {
   absl::StatusOr<std::string> tenant = Authenticate(*context);
   if (!tenant.ok()) return Reject(context, tenant.status());
-  if (absl::Status s = ValidateSessionId("session_id", request->session_id()); !s.ok()) {
+  if (absl::Status s = services::ValidateSessionId("session_id", request->session_id()); !s.ok()) {
     return Reject(context, s);
   }
   kls::v1::WorkerForkSessionRequest worker_request;
   worker_request.set_tenant(*tenant);
   *worker_request.mutable_request() = *request;
   if (request->new_session_id().empty()) {
-    worker_request.mutable_request()->set_new_session_id(NewSessionId());
-  } else if (absl::Status s = ValidateSessionId("new_session_id", request->new_session_id());
+    worker_request.mutable_request()->set_new_session_id(services::NewSessionId());
+  } else if (absl::Status s =
+                 services::ValidateSessionId("new_session_id", request->new_session_id());
              !s.ok()) {
     return Reject(context, s);
   }
-  std::string source_key = PlacementKey(*tenant, request->session_id());
-  std::string new_key = PlacementKey(*tenant, worker_request.request().new_session_id());
+  std::string source_key = services::PlacementKey(*tenant, request->session_id());
+  std::string new_key = services::PlacementKey(*tenant, worker_request.request().new_session_id());
   std::vector<EndpointPtr> candidates = SessionCandidates(source_key);
   return StartUnary(context, pool_, std::move(candidates), std::move(worker_request), response,
                     &WorkerAsync::ForkSession,
@@ -541,13 +543,13 @@ grpc::ServerWriteReactor<GenerateResponse>* RouterService::Generate(
     grpc::CallbackServerContext* context, const kls::v1::GenerateRequest* request) {
   absl::StatusOr<std::string> tenant = Authenticate(*context);
   if (!tenant.ok()) return new RejectedStream(tenant.status());
-  if (absl::Status s = ValidateSessionId("session_id", request->session_id()); !s.ok()) {
+  if (absl::Status s = services::ValidateSessionId("session_id", request->session_id()); !s.ok()) {
     return new RejectedStream(s);
   }
   kls::v1::WorkerGenerateRequest worker_request;
   worker_request.set_tenant(*tenant);
   *worker_request.mutable_request() = *request;
-  std::string key = PlacementKey(*tenant, request->session_id());
+  std::string key = services::PlacementKey(*tenant, request->session_id());
   std::vector<EndpointPtr> candidates = SessionCandidates(key);
   auto* proxy = new GenerateProxy(context, pool_, &affinity_, std::move(key), std::move(candidates),
                                   std::move(worker_request));

@@ -74,12 +74,12 @@ class RouterService final : public kls::v1::Sessions::CallbackService {
   grpc::ServerWriteReactor<kls::v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* context, const kls::v1::GenerateRequest* request) override;
 
-  // The workers a call for the session with `placement_key` (see PlacementKey) would try, in
-  // order: its affinity worker if ready, then the other ready workers in rendezvous order; at
+  // The workers a call for the session with `placement_key` (see services::PlacementKey) would try,
+  // in order: its affinity worker if ready, then the other ready workers in rendezvous order; at
   // most max_attempts. Empty when no worker is ready.
   std::vector<EndpointPtr> SessionCandidates(const std::string& placement_key);
 
-  // The session -> worker affinity map (entries keyed by PlacementKey).
+  // The session -> worker affinity map (entries keyed by services::PlacementKey).
   AffinityMap& affinity() { return affinity_; }
 
  private:

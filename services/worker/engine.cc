@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <deque>
 #include <list>
 #include <optional>
@@ -54,15 +53,6 @@ std::string HexOf(std::string_view bytes) {
     out.push_back(kDigits[c & 15]);
   }
   return out;
-}
-
-bool LogitsAreSamplable(std::span<const float> logits) {
-  bool any_finite = false;
-  for (float x : logits) {
-    if (std::isnan(x)) return false;
-    any_finite |= std::isfinite(x);
-  }
-  return any_finite;
 }
 
 // Length of the longest suffix of `text` that is a proper prefix of a stop string: it may still
@@ -473,8 +463,10 @@ class Engine::Impl {
       }
       Admit();
       if (!active_.empty()) Step();
-      Evict();
-      PublishLoad();
+      int64_t hot_bytes = 0;
+      for (auto& [key, session] : hot_) hot_bytes += session->state.ByteSize();
+      hot_bytes = Evict(hot_bytes);
+      PublishLoad(hot_bytes);
     }
     FailAllTurns();
   }
@@ -495,10 +487,8 @@ class Engine::Impl {
     waiting_.clear();
   }
 
-  void PublishLoad() {
-    int64_t bytes = 0;
-    for (auto& [key, session] : hot_) bytes += session->state.ByteSize();
-    hot_bytes_ = static_cast<uint64_t>(bytes);
+  void PublishLoad(int64_t hot_bytes) {
+    hot_bytes_ = static_cast<uint64_t>(hot_bytes);
     hot_count_ = static_cast<uint32_t>(hot_.size());
     active_count_ = static_cast<uint32_t>(active_.size());
     queued_count_ = static_cast<uint32_t>(waiting_.size() + preparing_);
@@ -824,7 +814,7 @@ class Engine::Impl {
       if (!turn.decoding) turn.prefilled += fed_counts[i];
       if (!samples[i]) continue;
       const std::span<const float> row(logits_.data() + i * vocab, vocab);
-      if (!LogitsAreSamplable(row)) {
+      if (!engine::LogitsAreSamplable(row)) {
         Abort(&turn, absl::InternalError(absl::StrCat("the logits at position ",
                                                       turn.session->state.num_tokens(),
                                                       " contain NaN or no finite value")));
@@ -1193,10 +1183,9 @@ class Engine::Impl {
 
   // Keeps hot state within the budget: least recently used idle sessions go first; a dirty one is
   // written back before it is dropped.
-  void Evict() {
-    int64_t bytes = 0;
-    for (auto& [key, session] : hot_) bytes += session->state.ByteSize();
-    if (bytes <= options_.hot_budget_bytes) return;
+  // `bytes`: the hot sessions' state now; returns what is left after eviction.
+  int64_t Evict(int64_t bytes) {
+    if (bytes <= options_.hot_budget_bytes) return bytes;
     // Pick the victims first: dropping a session erases its LRU node, which a reverse iterator
     // over the list may still reference.
     std::vector<std::string> victims;
@@ -1214,6 +1203,7 @@ class Engine::Impl {
       evictions_.fetch_add(1);
       Drop(key);
     }
+    return bytes;
   }
 
   const EngineOptions options_;

@@ -12,6 +12,7 @@
 #include "common/utf8.h"
 #include "engine/tokenizer/chat_format.h"
 #include "services/common/grpc_status.h"
+#include "services/common/session_ids.h"
 
 namespace kls::worker {
 namespace {
@@ -148,22 +149,6 @@ Callback<T> FinishWith(grpc::ServerUnaryReactor* reactor, T* response) {
 
 }  // namespace
 
-absl::Status ValidateSessionId(const std::string& id, const char* field) {
-  if (id.empty() || id.size() > 128) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, " must be 1 to 128 characters, got ", id.size()));
-  }
-  for (char c : id) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                    c == '.' || c == '_' || c == '-';
-    if (!ok) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, " may contain only [A-Za-z0-9._-]; got '", id, "'"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<TurnParams> ValidateGenerateRequest(const kls::v1::WorkerGenerateRequest& wrapped,
                                                    const engine::Tokenizer& tokenizer,
                                                    const engine::ModelConfig& config,
@@ -172,7 +157,7 @@ absl::StatusOr<TurnParams> ValidateGenerateRequest(const kls::v1::WorkerGenerate
   TurnParams p;
   p.enqueue_time = absl::Now();
   p.tenant = TenantOf(wrapped.tenant());
-  KLS_RETURN_IF_ERROR(ValidateSessionId(request.session_id()));
+  KLS_RETURN_IF_ERROR(services::ValidateSessionId("session_id", request.session_id()));
   p.session_id = request.session_id();
   if (request.request_id().size() > kMaxRequestIdBytes) {
     return absl::InvalidArgumentError(
@@ -297,7 +282,7 @@ grpc::ServerUnaryReactor* WorkerService::CreateSession(
     kls::v1::Session* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const kls::v1::CreateSessionRequest& r = request->request();
-  absl::Status valid = ValidateSessionId(r.session_id());
+  absl::Status valid = services::ValidateSessionId("session_id", r.session_id());
   if (valid.ok() && r.ttl_seconds() < 0) {
     valid =
         absl::InvalidArgumentError(absl::StrCat("ttl_seconds must be >= 0, got ", r.ttl_seconds()));
@@ -334,7 +319,9 @@ grpc::ServerUnaryReactor* WorkerService::GetSession(grpc::CallbackServerContext*
                                                     const kls::v1::WorkerGetSessionRequest* request,
                                                     kls::v1::Session* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (absl::Status valid = ValidateSessionId(request->request().session_id()); !valid.ok()) {
+  if (absl::Status valid =
+          services::ValidateSessionId("session_id", request->request().session_id());
+      !valid.ok()) {
     reactor->Finish(services::ToGrpcStatus(valid));
     return reactor;
   }
@@ -356,7 +343,9 @@ grpc::ServerUnaryReactor* WorkerService::DeleteSession(
     grpc::CallbackServerContext* context, const kls::v1::WorkerDeleteSessionRequest* request,
     kls::v1::DeleteSessionResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (absl::Status valid = ValidateSessionId(request->request().session_id()); !valid.ok()) {
+  if (absl::Status valid =
+          services::ValidateSessionId("session_id", request->request().session_id());
+      !valid.ok()) {
     reactor->Finish(services::ToGrpcStatus(valid));
     return reactor;
   }
@@ -370,8 +359,8 @@ grpc::ServerUnaryReactor* WorkerService::ForkSession(
     kls::v1::Session* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const kls::v1::ForkSessionRequest& r = request->request();
-  absl::Status valid = ValidateSessionId(r.session_id());
-  if (valid.ok()) valid = ValidateSessionId(r.new_session_id(), "new_session_id");
+  absl::Status valid = services::ValidateSessionId("session_id", r.session_id());
+  if (valid.ok()) valid = services::ValidateSessionId("new_session_id", r.new_session_id());
   if (valid.ok() && r.ttl_seconds() < 0) {
     valid = absl::InvalidArgumentError("ttl_seconds must be >= 0");
   }

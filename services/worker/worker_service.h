@@ -26,9 +26,6 @@ absl::StatusOr<TurnParams> ValidateGenerateRequest(const kls::v1::WorkerGenerate
                                                    const engine::ModelConfig& config,
                                                    int max_tokens_limit);
 
-// INVALID_ARGUMENT unless `id` matches [A-Za-z0-9._-]{1,128}.
-absl::Status ValidateSessionId(const std::string& id, const char* field = "session_id");
-
 // Thread-safe (gRPC calls it from its threads). The engine must outlive the service.
 class WorkerService final : public kls::v1::Worker::CallbackService {
  public:

@@ -30,7 +30,7 @@
 #include "common/rendezvous.h"
 #include "kls/v1/sessions.grpc.pb.h"
 #include "kls/v1/worker.grpc.pb.h"
-#include "services/router/session_ids.h"
+#include "services/common/session_ids.h"
 #include "tests/test_util.h"
 
 namespace kls::router {
@@ -422,7 +422,7 @@ std::string FirstOwner(const std::vector<std::unique_ptr<WorkerProcess>>& worker
                        const std::string& tenant, const std::string& session_id) {
   std::vector<std::string> names;
   for (const auto& worker : workers) names.push_back(worker->address);
-  return names[RendezvousRank(PlacementKey(tenant, session_id), names, 1)[0]];
+  return names[RendezvousRank(services::PlacementKey(tenant, session_id), names, 1)[0]];
 }
 
 // A session id (prefix + number) whose first rendezvous owner is `owner`.
@@ -603,7 +603,7 @@ TEST(RouterTest, UnavailableBeforeFirstResponseRetriesOnNextWorker) {
   EXPECT_EQ(result.responses.back().version(), kFinalVersion);
   EXPECT_EQ(workers[0]->service.Count("Generate"), 1);
   EXPECT_EQ(workers[1]->service.Count("Generate"), 1);
-  EXPECT_EQ(router.router().sessions().affinity().Get(PlacementKey(kDefaultTenant, id)),
+  EXPECT_EQ(router.router().sessions().affinity().Get(services::PlacementKey(kDefaultTenant, id)),
             workers[1]->address);
 
   // Unary calls retry the same way.
@@ -921,7 +921,7 @@ TEST(RouterTest, ForkGoesToSourceWorkerAndTheForkStaysThere) {
   fork.clear_new_session_id();
   ASSERT_TRUE(router.stub().ForkSession(&unnamed_context, fork, &forked).ok());
   EXPECT_EQ(forked.session_id().size(), 32u);
-  EXPECT_TRUE(ValidateSessionId("id", forked.session_id()).ok());
+  EXPECT_TRUE(services::ValidateSessionId("id", forked.session_id()).ok());
   EXPECT_NE(forked.session_id(), fork_id);
 }
 
@@ -940,7 +940,7 @@ TEST(RouterTest, CreateNamesSessionsAndDeleteForgetsAffinity) {
   ASSERT_EQ(id.size(), 32u);
   EXPECT_EQ(id.find_first_not_of("0123456789abcdef"), std::string::npos) << id;
   EXPECT_EQ(created.metadata().at("worker"), FirstOwner(workers, kDefaultTenant, id));
-  const std::string key = PlacementKey(kDefaultTenant, id);
+  const std::string key = services::PlacementKey(kDefaultTenant, id);
   EXPECT_EQ(router.router().sessions().affinity().Get(key), created.metadata().at("worker"));
 
   grpc::ClientContext delete_context;

@@ -106,12 +106,5 @@ TEST(ValidateGenerateRequestTest, BadInputIsRefusedWithTheFieldNamed) {
   ExpectInvalid(policy, "commit");
 }
 
-TEST(ValidateSessionIdTest, Syntax) {
-  EXPECT_TRUE(ValidateSessionId("Abc-1.2_3").ok());
-  EXPECT_FALSE(ValidateSessionId("").ok());
-  EXPECT_FALSE(ValidateSessionId("sp ace").ok());
-  EXPECT_FALSE(ValidateSessionId("é").ok());
-}
-
 }  // namespace
 }  // namespace kls::worker

@@ -1,7 +1,7 @@
-// Session ids and tenant names as the router accepts them: [A-Za-z0-9._-], 1 to 128 bytes. The
-// charset keeps ids safe inside store keys ("<tenant>/<session_id>"), logs and URLs.
-#ifndef KLS_SERVICES_ROUTER_SESSION_IDS_H_
-#define KLS_SERVICES_ROUTER_SESSION_IDS_H_
+// Session ids and tenant names as kls accepts them (router and worker): [A-Za-z0-9._-], 1 to 128
+// bytes. The charset keeps ids safe inside store keys ("<tenant>/<session_id>"), logs and URLs.
+#ifndef KLS_SERVICES_COMMON_SESSION_IDS_H_
+#define KLS_SERVICES_COMMON_SESSION_IDS_H_
 
 #include <cstddef>
 #include <string>
@@ -9,7 +9,7 @@
 
 #include "absl/status/status.h"
 
-namespace kls::router {
+namespace kls::services {
 
 inline constexpr size_t kMaxSessionIdBytes = 128;
 
@@ -25,6 +25,6 @@ std::string NewSessionId();
 // (the store's session key). Tenants contain no '/', so the key is unambiguous.
 std::string PlacementKey(std::string_view tenant, std::string_view session_id);
 
-}  // namespace kls::router
+}  // namespace kls::services
 
-#endif  // KLS_SERVICES_ROUTER_SESSION_IDS_H_
+#endif  // KLS_SERVICES_COMMON_SESSION_IDS_H_

@@ -1,4 +1,4 @@
-#include "services/router/session_ids.h"
+#include "services/common/session_ids.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
-namespace kls::router {
+namespace kls::services {
 namespace {
 
 bool IsIdChar(char c) {
@@ -56,4 +56,4 @@ std::string PlacementKey(std::string_view tenant, std::string_view session_id) {
                       absl::string_view(session_id.data(), session_id.size()));
 }
 
-}  // namespace kls::router
+}  // namespace kls::services

@@ -1,4 +1,4 @@
-#include "services/router/session_ids.h"
+#include "services/common/session_ids.h"
 
 #include <gtest/gtest.h>
 
@@ -7,7 +7,7 @@
 
 #include "absl/strings/match.h"
 
-namespace kls::router {
+namespace kls::services {
 namespace {
 
 TEST(SessionIdsTest, AcceptsTheCharsetUpTo128Bytes) {
@@ -58,4 +58,4 @@ TEST(SessionIdsTest, PlacementKeyIsTheStoreKey) {
 }
 
 }  // namespace
-}  // namespace kls::router
+}  // namespace kls::services
