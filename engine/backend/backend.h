@@ -1,33 +1,108 @@
-// The one interface every backend (cpu, cuda) implements: a varlen forward pass over a batch
-// that mixes prefill chunks and decode tokens, each continuing its own SessionState.
+// The one interface every backend (cpu, cuda) implements: it owns the model state of the
+// sessions it computes on (host vectors for the CPU backend, device pools for the CUDA backend)
+// and runs a varlen forward pass over a batch that mixes prefill chunks and decode tokens.
+//
+// Session state crosses the boundary only in host form (SessionState): ImportState after a
+// restore from the store, ExportState for a snapshot. Everything else (fork, rollback of a
+// failed turn, the forward pass) stays inside the backend, so a GPU-resident session is never
+// copied to the host on the hot path.
 #ifndef KLS_ENGINE_BACKEND_BACKEND_H_
 #define KLS_ENGINE_BACKEND_BACKEND_H_
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string_view>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "engine/model/config.h"
 #include "engine/state/session_state.h"
 
 namespace kls::engine {
 
-struct SequenceInput {
-  std::span<const int32_t> tokens;  // new tokens of this sequence (>= 1)
-  SessionState* state = nullptr;    // continued in place; distinct per entry
+class Backend;
+
+// A session's state as one backend holds it. Created only by that backend; used, copied and
+// destroyed only on the thread that owns the backend (destroying it returns its memory to the
+// backend, which must outlive it).
+class BackendState {
+ public:
+  virtual ~BackendState() = default;
+  BackendState(const BackendState&) = delete;
+  BackendState& operator=(const BackendState&) = delete;
+
+  // Tokens fed so far (the length of the MLA caches).
+  virtual int64_t num_tokens() const = 0;
+  // Bytes of memory this state holds in its backend (KDA + conv + MLA cache); what the
+  // worker's hot-session budget counts.
+  virtual int64_t ByteSize() const = 0;
+  const Backend* owner() const { return owner_; }
+
+ protected:
+  explicit BackendState(const Backend* owner) : owner_(owner) {}
+
+ private:
+  const Backend* owner_;
 };
 
-// Not thread-safe: one engine thread owns a backend.
+// What a rollback returns to: the fixed-size KDA state and the token count at checkpoint time
+// (MLA caches are truncated instead of copied).
+class StateCheckpoint {
+ public:
+  virtual ~StateCheckpoint() = default;
+  virtual int64_t num_tokens() const = 0;
+};
+
+struct SequenceInput {
+  std::span<const int32_t> tokens;  // new tokens of this sequence (>= 1)
+  BackendState* state = nullptr;    // continued in place; distinct per entry, from this backend
+};
+
+// Not thread-safe: one engine thread owns a backend and every state it created.
 class Backend {
  public:
   virtual ~Backend() = default;
 
+  // A fresh session: zero KDA state, empty caches. RESOURCE_EXHAUSTED when the backend's state
+  // memory is used up.
+  virtual absl::StatusOr<std::unique_ptr<BackendState>> NewState() = 0;
+
+  // An independent copy (a fork): later forwards of either leave the other unchanged.
+  // RESOURCE_EXHAUSTED as for NewState; INVALID_ARGUMENT for a state of another backend.
+  virtual absl::StatusOr<std::unique_ptr<BackendState>> CloneState(const BackendState& state) = 0;
+
+  // Takes a host state (a decoded snapshot). INVALID_ARGUMENT unless it matches the model's
+  // shapes and holds every MLA row (mla_first_row() == 0); RESOURCE_EXHAUSTED as for NewState.
+  virtual absl::StatusOr<std::unique_ptr<BackendState>> ImportState(SessionState host) = 0;
+
+  // Writes the host form of `state` into `*host`: every KDA layer's recurrent and conv state,
+  // num_tokens, and the MLA cache rows of tokens [mla_first_row, num_tokens) with
+  // host->mla_first_row() == mla_first_row (a snapshot only needs the rows the store lacks).
+  // INVALID_ARGUMENT for a state of another backend or a row outside [0, num_tokens].
+  virtual absl::Status ExportState(const BackendState& state, int64_t mla_first_row,
+                                   SessionState* host) = 0;
+
+  // Remembers what Rollback returns `state` to. RESOURCE_EXHAUSTED when there is no memory
+  // for the copy of the KDA state.
+  virtual absl::StatusOr<std::unique_ptr<StateCheckpoint>> Checkpoint(
+      const BackendState& state) = 0;
+  // Returns `state` to `checkpoint`, which must have been taken of this state, with no forward
+  // of fewer tokens in between (INVALID_ARGUMENT otherwise; the state is then unchanged).
+  virtual absl::Status Rollback(const StateCheckpoint& checkpoint, BackendState* state) = 0;
+
   // Runs the new tokens of every sequence through the model, appending them to each state, and
   // writes the logits of the last new position of sequence n to logits[n * vocab, (n+1) * vocab).
-  // Validates everything first (token ids, context limit, state shapes, distinct states, logits
-  // size) and returns INVALID_ARGUMENT naming the problem; on error no state has changed.
+  // Validates everything first (token ids, context limit, state owners, distinct states, logits
+  // size) and returns INVALID_ARGUMENT naming the problem; on such an error no state has
+  // changed. RESOURCE_EXHAUSTED when cache memory runs out (no state changed). Other errors
+  // (a device fault) leave the states of the batch unspecified and may be sticky: healthy()
+  // then says so.
   virtual absl::Status Forward(std::span<const SequenceInput> batch, std::span<float> logits) = 0;
+
+  // OK while the backend can run; a sticky device error otherwise (the worker then stops
+  // serving, ARCHITECTURE.md §8).
+  virtual absl::Status healthy() const { return absl::OkStatus(); }
 
   virtual const ModelConfig& config() const = 0;
   virtual std::string_view name() const = 0;

@@ -65,7 +65,7 @@ std::string_view FinishReasonName(FinishReason reason) {
   return "unknown";
 }
 
-absl::StatusOr<GenerateResult> Generate(Backend& backend, SessionState* state,
+absl::StatusOr<GenerateResult> Generate(Backend& backend, BackendState* state,
                                         std::span<const int32_t> prompt,
                                         const GenerateOptions& options,
                                         const std::function<bool(int32_t)>& on_token) {

@@ -68,7 +68,7 @@ struct GenerateResult {
 // Errors: INVALID_ARGUMENT for bad options, an empty prompt, ids outside the vocabulary or a
 // prompt that leaves no position for a generated token within the context limit — all checked
 // before the state changes; INTERNAL if the logits hold NaN or no finite value.
-absl::StatusOr<GenerateResult> Generate(Backend& backend, SessionState* state,
+absl::StatusOr<GenerateResult> Generate(Backend& backend, BackendState* state,
                                         std::span<const int32_t> prompt,
                                         const GenerateOptions& options,
                                         const std::function<bool(int32_t)>& on_token = nullptr);

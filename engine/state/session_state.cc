@@ -15,8 +15,10 @@ SessionState::SessionState(const ModelConfig& config) : mla_cache_dim_(config.ml
 }
 
 void SessionState::TruncateTokens(int64_t n) {
-  if (n < 0 || n > num_tokens_) return;
-  for (MlaLayerState& s : mla_) s.latent.resize(static_cast<size_t>(n) * mla_cache_dim_);
+  if (n < mla_first_row_ || n > num_tokens_) return;
+  for (MlaLayerState& s : mla_) {
+    s.latent.resize(static_cast<size_t>(n - mla_first_row_) * mla_cache_dim_);
+  }
   num_tokens_ = n;
 }
 
@@ -38,8 +40,11 @@ bool SessionState::MatchesConfig(const ModelConfig& config) const {
     if (static_cast<int64_t>(s.recurrent.size()) != h * k * k) return false;
     if (static_cast<int64_t>(s.conv.size()) != 3 * (w - 1) * h * k) return false;
   }
+  if (mla_first_row_ < 0 || mla_first_row_ > num_tokens_) return false;
   for (const MlaLayerState& s : mla_) {
-    if (static_cast<int64_t>(s.latent.size()) != num_tokens_ * mla_cache_dim_) return false;
+    if (static_cast<int64_t>(s.latent.size()) != (num_tokens_ - mla_first_row_) * mla_cache_dim_) {
+      return false;
+    }
   }
   return true;
 }

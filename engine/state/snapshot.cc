@@ -447,8 +447,9 @@ absl::Status CheckKdaSized(const SessionState& state, const ModelConfig& config)
   return absl::OkStatus();
 }
 
-// The rows every MLA cache of `state` holds; INVALID_ARGUMENT when they disagree or do not fit.
-absl::StatusOr<int64_t> MlaRows(const SessionState& state, const ModelConfig& config) {
+// One past the last token whose rows every MLA cache of `state` holds (the caches hold rows
+// [mla_first_row(), end)); INVALID_ARGUMENT when they disagree or do not fit.
+absl::StatusOr<int64_t> MlaRowsEnd(const SessionState& state, const ModelConfig& config) {
   const int64_t d = config.mla_cache_dim();
   if (static_cast<int64_t>(state.mla().size()) != config.num_mla_layers()) {
     return absl::InvalidArgumentError(absl::StrCat("session state has ", state.mla().size(),
@@ -468,7 +469,7 @@ absl::StatusOr<int64_t> MlaRows(const SessionState& state, const ModelConfig& co
     }
     rows = size / d;
   }
-  return rows;
+  return state.mla_first_row() + rows;
 }
 
 }  // namespace
@@ -642,7 +643,7 @@ absl::StatusOr<std::string> EncodeMlaBlock(const SessionState& state, const Mode
   if (config.num_mla_layers() == 0) {
     return absl::InvalidArgumentError("the model has no MLA layers, so no MLA blocks");
   }
-  KLS_ASSIGN_OR_RETURN(const int64_t rows, MlaRows(state, config));
+  KLS_ASSIGN_OR_RETURN(const int64_t rows_end, MlaRowsEnd(state, config));
   if (num_tokens < 1 || num_tokens > kMlaBlockTokens) {
     return absl::InvalidArgumentError(
         absl::StrCat("MLA block num_tokens ", num_tokens, " is not in [1, ", kMlaBlockTokens, "]"));
@@ -652,17 +653,18 @@ absl::StatusOr<std::string> EncodeMlaBlock(const SessionState& state, const Mode
                                                    " is not a non-negative multiple of ",
                                                    kMlaBlockTokens));
   }
-  if (first_token + num_tokens > rows) {
-    return absl::InvalidArgumentError(absl::StrCat("MLA block covers rows [", first_token, ", ",
-                                                   first_token + num_tokens,
-                                                   ") but the caches hold ", rows, " rows"));
+  if (first_token < state.mla_first_row() || first_token + num_tokens > rows_end) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MLA block covers rows [", first_token, ", ", first_token + num_tokens,
+                     ") but the caches hold rows [", state.mla_first_row(), ", ", rows_end, ")"));
   }
   const std::vector<uint32_t> shape_words = BlockShapeWords(config);
   const uint32_t num_layers = static_cast<uint32_t>(config.num_mla_layers());
   const size_t d = static_cast<size_t>(config.mla_cache_dim());
   std::vector<ConstSegment> segments;
   for (const MlaLayerState& s : state.mla()) {
-    segments.push_back({s.latent.data() + first_token * d, num_tokens * d});
+    segments.push_back(
+        {s.latent.data() + (first_token - state.mla_first_row()) * d, num_tokens * d});
   }
   const uint64_t total = uint64_t{num_layers} * num_tokens * d * ElementBytes(dtype);
   const uint64_t digest = PayloadDigest(segments, dtype, total);
@@ -690,7 +692,7 @@ absl::StatusOr<std::string> EncodeMlaBlock(const SessionState& state, const Mode
 absl::Status DecodeMlaBlock(std::string_view block, const ModelConfig& config,
                             const Hash128& model_fingerprint, SessionState* state) {
   if (state == nullptr) return absl::InvalidArgumentError("DecodeMlaBlock: null state");
-  KLS_ASSIGN_OR_RETURN(const int64_t rows, MlaRows(*state, config));
+  KLS_ASSIGN_OR_RETURN(const int64_t rows, MlaRowsEnd(*state, config));
   KLS_ASSIGN_OR_RETURN(const Header h,
                        ParseForDecode(block, /*want_block=*/true, model_fingerprint, "MLA block"));
   static constexpr const char* kNames[] = {"Dc", "Dr"};

@@ -54,9 +54,13 @@ int RunCpuDecode(const BenchFlags& flags) {
   options.max_tokens = flags.decode_tokens;
   double best_decode = 0, best_prefill = 0;
   for (int r = 0; r < flags.repeats; ++r) {
-    engine::SessionState state(config);
+    absl::StatusOr<std::unique_ptr<engine::BackendState>> state = (*backend)->NewState();
+    if (!state.ok()) {
+      std::fprintf(stderr, "kls bench: %s\n", state.status().ToString().c_str());
+      return 1;
+    }
     absl::StatusOr<engine::GenerateResult> result =
-        engine::Generate(**backend, &state, prompt, options);
+        engine::Generate(**backend, state->get(), prompt, options);
     if (!result.ok()) {
       std::fprintf(stderr, "kls bench: %s\n", result.status().ToString().c_str());
       return 1;

@@ -57,7 +57,7 @@ std::vector<int32_t> StopTokens(const engine::LoadedModel& model) {
 absl::StatusOr<engine::GenerateResult> RunTurn(const GenerateFlags& flags,
                                                const engine::LoadedModel& model,
                                                engine::Backend& backend,
-                                               engine::SessionState* state,
+                                               engine::BackendState* state,
                                                const std::vector<int32_t>& prompt) {
   engine::GenerateOptions options;
   options.sampler = {flags.temperature, flags.top_p, flags.top_k, flags.seed};
@@ -113,7 +113,11 @@ absl::StatusOr<engine::GenerateResult> RunTurn(const GenerateFlags& flags,
 int RunInteractive(const GenerateFlags& flags, const engine::LoadedModel& model,
                    engine::Backend& backend) {
   const engine::ModelConfig& config = model.weights->config;
-  engine::SessionState state(config);
+  absl::StatusOr<std::unique_ptr<engine::BackendState>> state = backend.NewState();
+  if (!state.ok()) {
+    std::fprintf(stderr, "error: %s\n", state.status().ToString().c_str());
+    return 1;
+  }
   int32_t pending = -1;
   bool first = true;
   std::fprintf(stderr,
@@ -127,7 +131,11 @@ int RunInteractive(const GenerateFlags& flags, const engine::LoadedModel& model,
     if (!std::getline(std::cin, line)) break;
     if (line == "/quit") break;
     if (line == "/reset") {
-      state = engine::SessionState(config);
+      state = backend.NewState();
+      if (!state.ok()) {
+        std::fprintf(stderr, "error: %s\n", state.status().ToString().c_str());
+        return 1;
+      }
       pending = -1;
       first = true;
       continue;
@@ -152,10 +160,19 @@ int RunInteractive(const GenerateFlags& flags, const engine::LoadedModel& model,
       }
     }
     prompt.insert(prompt.end(), rendered->begin(), rendered->end());
-    engine::SessionState before = state;  // a failed turn leaves the session as it was
-    absl::StatusOr<engine::GenerateResult> result = RunTurn(flags, model, backend, &state, prompt);
+    // A failed turn leaves the session as it was.
+    absl::StatusOr<std::unique_ptr<engine::StateCheckpoint>> before = backend.Checkpoint(**state);
+    if (!before.ok()) {
+      std::fprintf(stderr, "error: %s\n", before.status().ToString().c_str());
+      continue;
+    }
+    absl::StatusOr<engine::GenerateResult> result =
+        RunTurn(flags, model, backend, state->get(), prompt);
     if (!result.ok()) {
-      state = std::move(before);
+      if (absl::Status s = backend.Rollback(**before, state->get()); !s.ok()) {
+        std::fprintf(stderr, "error: %s\n", s.ToString().c_str());
+        return 1;
+      }
       std::fprintf(stderr, "error: %s\n", result.status().ToString().c_str());
       continue;
     }
@@ -163,7 +180,7 @@ int RunInteractive(const GenerateFlags& flags, const engine::LoadedModel& model,
     first = false;
     std::fprintf(stderr, "[%zu tokens, %s; session at %lld tokens; prefill %.1f ms, %.0f tok/s]\n",
                  result->tokens.size(), std::string(FinishReasonName(result->finish)).c_str(),
-                 static_cast<long long>(state.num_tokens()), result->prefill_seconds * 1e3,
+                 static_cast<long long>((*state)->num_tokens()), result->prefill_seconds * 1e3,
                  result->decode_seconds > 0
                      ? static_cast<double>(result->tokens.size()) / result->decode_seconds
                      : 0.0);
@@ -259,9 +276,13 @@ std::function<int()> AddGenerateCommand(CLI::App& app) {
       }
       prompt = *std::move(encoded);
     }
-    engine::SessionState state(model->weights->config);
+    absl::StatusOr<std::unique_ptr<engine::BackendState>> state = (*backend)->NewState();
+    if (!state.ok()) {
+      std::fprintf(stderr, "kls generate: %s\n", state.status().ToString().c_str());
+      return 1;
+    }
     absl::StatusOr<engine::GenerateResult> result =
-        RunTurn(*flags, *model, **backend, &state, prompt);
+        RunTurn(*flags, *model, **backend, state->get(), prompt);
     if (!result.ok()) {
       std::fprintf(stderr, "kls generate: %s\n", result.status().ToString().c_str());
       return absl::IsInvalidArgument(result.status()) ? 2 : 1;

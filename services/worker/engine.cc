@@ -84,7 +84,9 @@ struct HotSession {
   std::string key;
   SessionRecord record;          // the latest version (may be ahead of the store)
   std::vector<int32_t> history;  // record.num_history_tokens() ids: fed, then pending
-  SessionState state;            // history[0, record.num_fed_tokens()) fed
+  // history[0, record.num_fed_tokens()) fed; held by the backend. Null only between a
+  // restore on the I/O pool and its import on the engine thread.
+  std::unique_ptr<engine::BackendState> state;
   // The store: `durable` is what it is known to hold; `base` what it will hold once every
   // scheduled commit has landed (the expected version of the next commit).
   std::optional<SessionRecord> durable;
@@ -113,9 +115,8 @@ struct ActiveTurn {
   std::shared_ptr<TurnSink> sink;
   std::string key;
   HotSession* session = nullptr;
-  // Rollback point: the KDA/conv state, the token count, the history length and the record.
-  std::vector<engine::KdaLayerState> kda_checkpoint;
-  int64_t tokens_checkpoint = 0;
+  // Rollback point: the backend's state checkpoint, the history length and the record.
+  std::unique_ptr<engine::StateCheckpoint> checkpoint;
   size_t history_checkpoint = 0;
   SessionRecord record_checkpoint;
   std::optional<SessionRecord> base_checkpoint;
@@ -152,7 +153,8 @@ kls::v1::Session SessionView(const SessionRecord& r) {
 
 // A restored session, built on an I/O thread.
 struct Restored {
-  std::unique_ptr<HotSession> session;
+  std::unique_ptr<HotSession> session;  // without its state, which the engine thread imports
+  SessionState host_state;
   bool rebuilt = false;
 };
 
@@ -223,7 +225,9 @@ class Engine::Impl {
       *r.mutable_metadata() = request.metadata();
       r.add_version_history_tokens(system_tokens.size());
       session->history = std::move(system_tokens);
-      session->state = SessionState(config_);
+      absl::StatusOr<std::unique_ptr<engine::BackendState>> state = backend_->NewState();
+      if (!state.ok()) return done(state.status());
+      session->state = *std::move(state);
       CommitNewSession(std::move(session), std::move(done));
     });
   }
@@ -464,7 +468,7 @@ class Engine::Impl {
       Admit();
       if (!active_.empty()) Step();
       int64_t hot_bytes = 0;
-      for (auto& [key, session] : hot_) hot_bytes += session->state.ByteSize();
+      for (auto& [key, session] : hot_) hot_bytes += session->state->ByteSize();
       hot_bytes = Evict(hot_bytes);
       PublishLoad(hot_bytes);
     }
@@ -564,6 +568,10 @@ class Engine::Impl {
               Post([this, restored = std::move(restored), start, then = std::move(then)]() mutable {
                 if (!restored.ok()) return then(restored.status(), 0, false);
                 const bool rebuilt = restored->rebuilt;
+                absl::StatusOr<std::unique_ptr<engine::BackendState>> state =
+                    backend_->ImportState(std::move(restored->host_state));
+                if (!state.ok()) return then(state.status(), 0, false);
+                restored->session->state = *std::move(state);
                 restores_.fetch_add(1);
                 HotSession* session = Install(std::move(restored->session));
                 then(session, MsBetween(start, absl::Now()), rebuilt);
@@ -597,10 +605,10 @@ class Engine::Impl {
           "session ", stored.session_id(), ": the token history has ", session->history.size(),
           " tokens but the record says ", stored.num_history_tokens()));
     }
-    session->state = SessionState(config_);
+    out.host_state = SessionState(config_);
     const int64_t fed = static_cast<int64_t>(stored.num_fed_tokens());
     absl::Status loaded = absl::OkStatus();
-    if (fed > 0) loaded = LoadState(stored, fed, session.get());
+    if (fed > 0) loaded = LoadState(stored, fed, session.get(), &out.host_state);
     // Rebuild only what is lost or corrupt; another model or format, or a store that cannot be
     // reached, fails the turn instead (the latter with UNAVAILABLE, which the router retries).
     if (!loaded.ok() && !absl::IsDataLoss(loaded) && !absl::IsNotFound(loaded)) return loaded;
@@ -609,7 +617,7 @@ class Engine::Impl {
                        << ": state unreadable (" << loaded.message()
                        << "); rebuilding it from the token history";
       rebuilds_.fetch_add(1);
-      session->state = SessionState(config_);
+      out.host_state = SessionState(config_);
       session->full_block_hashes.clear();
       session->record = stored;
       session->record.set_num_fed_tokens(0);
@@ -625,12 +633,15 @@ class Engine::Impl {
     return out;
   }
 
-  absl::Status LoadState(const SessionRecord& stored, int64_t fed, HotSession* session) {
+  // Decodes the stored state into `state` (fresh, sized for the model) and the block hashes
+  // into `session`.
+  absl::Status LoadState(const SessionRecord& stored, int64_t fed, HotSession* session,
+                         SessionState* state) {
     KLS_ASSIGN_OR_RETURN(
         std::vector<std::string> chunks,
         store_->GetStateChunks(stored.session_id(), stored.version(), stored.state_chunks()));
     KLS_ASSIGN_OR_RETURN(int64_t position,
-                         engine::DecodeStateChunks(chunks, config_, fingerprint_, &session->state));
+                         engine::DecodeStateChunks(chunks, config_, fingerprint_, state));
     if (position != fed) {
       return absl::DataLossError(
           absl::StrCat("state chunks hold ", position, " tokens, the record says ", fed));
@@ -651,11 +662,11 @@ class Engine::Impl {
     if (!keys.empty()) {
       KLS_ASSIGN_OR_RETURN(std::vector<std::string> blocks, store_->GetBlocks(keys));
       for (const std::string& block : blocks) {
-        KLS_RETURN_IF_ERROR(engine::DecodeMlaBlock(block, config_, fingerprint_, &session->state));
+        KLS_RETURN_IF_ERROR(engine::DecodeMlaBlock(block, config_, fingerprint_, state));
       }
     }
-    session->state.set_num_tokens(fed);
-    if (!session->state.MatchesConfig(config_)) {
+    state->set_num_tokens(fed);
+    if (!state->MatchesConfig(config_)) {
       return absl::DataLossError("restored state does not match the model's shapes");
     }
     hashes.resize(fed / engine::kMlaBlockTokens);  // full blocks only
@@ -703,7 +714,8 @@ class Engine::Impl {
     const uint64_t fed = session->record.num_fed_tokens();
     turn->prompt.assign(session->history.begin() + fed, session->history.end());
     turn->prompt.insert(turn->prompt.end(), p.input.begin(), p.input.end());
-    const int64_t context = session->state.num_tokens() + static_cast<int64_t>(turn->prompt.size());
+    const int64_t context =
+        session->state->num_tokens() + static_cast<int64_t>(turn->prompt.size());
     if (context >= config_.model_max_length) {
       return FailTurn(std::move(turn), absl::InvalidArgumentError(absl::StrCat(
                                            "input of ", p.input.size(), " tokens brings session ",
@@ -712,9 +724,11 @@ class Engine::Impl {
                                            "context limit of ",
                                            config_.model_max_length, " tokens")));
     }
+    absl::StatusOr<std::unique_ptr<engine::StateCheckpoint>> checkpoint =
+        backend_->Checkpoint(*session->state);
+    if (!checkpoint.ok()) return FailTurn(std::move(turn), checkpoint.status());
     turn->session = session;
-    turn->kda_checkpoint = session->state.kda();
-    turn->tokens_checkpoint = session->state.num_tokens();
+    turn->checkpoint = *std::move(checkpoint);
     turn->history_checkpoint = session->history.size();
     turn->record_checkpoint = session->record;
     turn->base_checkpoint = session->base;
@@ -748,14 +762,16 @@ class Engine::Impl {
 
   void Rollback(ActiveTurn& turn) {
     HotSession& s = *turn.session;
-    s.state.kda() = turn.kda_checkpoint;
-    s.state.TruncateTokens(turn.tokens_checkpoint);
+    if (absl::Status status = backend_->Rollback(*turn.checkpoint, s.state.get()); !status.ok()) {
+      // Only a broken invariant gets here; the session must not be continued from this state.
+      KLS_LOG(ERROR) << "session " << s.record.session_id() << ": rollback failed: " << status;
+    }
     s.history.resize(turn.history_checkpoint);
     s.record = turn.record_checkpoint;
     s.base = turn.base_checkpoint;
     s.full_block_hashes.resize(
         std::min(s.full_block_hashes.size(),
-                 static_cast<size_t>(turn.tokens_checkpoint / engine::kMlaBlockTokens)));
+                 static_cast<size_t>(turn.checkpoint->num_tokens() / engine::kMlaBlockTokens)));
   }
 
   // One engine step: every decoding turn feeds its last token, prefilling turns feed chunks up
@@ -784,7 +800,7 @@ class Engine::Impl {
     for (auto& turn : active_) {
       if (turn->decoding) {
         batch.push_back(
-            {std::span<const int32_t>(&turn->generated.back(), 1), &turn->session->state});
+            {std::span<const int32_t>(&turn->generated.back(), 1), turn->session->state.get()});
         fed_counts.push_back(1);
         samples.push_back(true);
       } else {
@@ -793,7 +809,7 @@ class Engine::Impl {
         if (n == 0) continue;
         budget -= static_cast<int>(n);
         batch.push_back({std::span<const int32_t>(turn->prompt).subspan(turn->prefilled, n),
-                         &turn->session->state});
+                         turn->session->state.get()});
         fed_counts.push_back(n);
         samples.push_back(n == left);
       }
@@ -816,13 +832,13 @@ class Engine::Impl {
       const std::span<const float> row(logits_.data() + i * vocab, vocab);
       if (!engine::LogitsAreSamplable(row)) {
         Abort(&turn, absl::InternalError(absl::StrCat("the logits at position ",
-                                                      turn.session->state.num_tokens(),
+                                                      turn.session->state->num_tokens(),
                                                       " contain NaN or no finite value")));
         continue;
       }
       const int32_t token =
           kernels::SampleReference(row.data(), vocab, turn.params.sampler,
-                                   static_cast<uint64_t>(turn.session->state.num_tokens()));
+                                   static_cast<uint64_t>(turn.session->state->num_tokens()));
       if (turn.generated.empty()) turn.first_token_time = absl::Now();
       turn.generated.push_back(token);
       turn.decoding = true;
@@ -864,7 +880,7 @@ class Engine::Impl {
     if (stop_token || stop_string) {
       turn.finish = kls::v1::FINISH_REASON_STOP;
     } else if (static_cast<int>(turn.generated.size()) >= p.max_tokens ||
-               turn.session->state.num_tokens() + 1 >= config_.model_max_length) {
+               turn.session->state->num_tokens() + 1 >= config_.model_max_length) {
       turn.finish = kls::v1::FINISH_REASON_LENGTH;
     } else {
       return false;
@@ -895,7 +911,7 @@ class Engine::Impl {
     s.history.insert(s.history.end(), turn->generated.begin(), turn->generated.end());
     SessionRecord& r = s.record;
     r.set_version(r.version() + 1);
-    r.set_num_fed_tokens(s.state.num_tokens());
+    r.set_num_fed_tokens(s.state->num_tokens());
     r.set_num_history_tokens(s.history.size());
     r.set_update_time_ms(NowMs());
     r.add_version_history_tokens(s.history.size());
@@ -991,14 +1007,20 @@ class Engine::Impl {
     store::CommitRequest c;
     c.record = s.record;
     if (s.base.has_value()) c.expected_version = s.base->version();
-    KLS_ASSIGN_OR_RETURN(c.state_chunks, engine::EncodeStateChunks(s.state, config_, fingerprint_));
+    // The host form: KDA state, and the MLA rows of the blocks the store lacks.
+    constexpr int kBlock = engine::kMlaBlockTokens;
+    SessionState host;
+    KLS_RETURN_IF_ERROR(backend_->ExportState(
+        *s.state,
+        std::min(static_cast<int64_t>(s.durable_full_blocks) * kBlock, s.state->num_tokens()),
+        &host));
+    KLS_ASSIGN_OR_RETURN(c.state_chunks, engine::EncodeStateChunks(host, config_, fingerprint_));
     c.record.set_state_chunks(s.record.num_fed_tokens() > 0 ? c.state_chunks.size() : 0);
     if (s.record.num_fed_tokens() == 0) c.state_chunks.clear();
 
     // MLA blocks of the fed tokens: chained hashes; the last block may be partial.
-    const int64_t fed = s.state.num_tokens();
+    const int64_t fed = host.num_tokens();
     const std::span<const int32_t> tokens(s.history.data(), fed);
-    constexpr int kBlock = engine::kMlaBlockTokens;
     while (static_cast<int64_t>(s.full_block_hashes.size()) < fed / kBlock) {
       const size_t i = s.full_block_hashes.size();
       const Hash128 previous = i == 0 ? Hash128{} : s.full_block_hashes[i - 1];
@@ -1018,7 +1040,7 @@ class Engine::Impl {
     for (size_t i = s.durable_full_blocks; i < hashes.size(); ++i) {
       const int n = static_cast<int>(std::min<int64_t>(kBlock, fed - i * kBlock));
       KLS_ASSIGN_OR_RETURN(std::string block,
-                           engine::EncodeMlaBlock(s.state, config_, fingerprint_, i * kBlock, n));
+                           engine::EncodeMlaBlock(host, config_, fingerprint_, i * kBlock, n));
       c.blocks.emplace_back(HashBytes(hashes[i]), std::move(block));
     }
 
@@ -1164,15 +1186,20 @@ class Engine::Impl {
     for (uint64_t v = 0; v <= version; ++v)
       r.add_version_history_tokens(sr.version_history_tokens(v));
     if (version == sr.version()) {
+      absl::StatusOr<std::unique_ptr<engine::BackendState>> state =
+          backend_->CloneState(*source.state);
+      if (!state.ok()) return finish(state.status());
       child->history = source.history;
-      child->state = source.state;
+      child->state = *std::move(state);
       child->full_block_hashes = source.full_block_hashes;
       child->durable_full_blocks = source.durable_full_blocks;  // the source's blocks are shared
       r.set_num_fed_tokens(sr.num_fed_tokens());
     } else {
       const uint64_t length = sr.version_history_tokens(version);
+      absl::StatusOr<std::unique_ptr<engine::BackendState>> state = backend_->NewState();
+      if (!state.ok()) return finish(state.status());
       child->history.assign(source.history.begin(), source.history.begin() + length);
-      child->state = SessionState(config_);
+      child->state = *std::move(state);
       r.set_num_fed_tokens(0);
     }
     r.set_num_history_tokens(child->history.size());
@@ -1196,7 +1223,7 @@ class Engine::Impl {
         ScheduleWriteback(*s);
         continue;
       }
-      bytes -= s->state.ByteSize();
+      bytes -= s->state->ByteSize();
       victims.push_back(s->key);
     }
     for (const std::string& key : victims) {

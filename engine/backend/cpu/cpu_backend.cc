@@ -29,7 +29,114 @@ absl::StatusOr<std::unique_ptr<CpuBackend>> CpuBackend::Create(
   return std::unique_ptr<CpuBackend>(new CpuBackend(std::move(weights), options));
 }
 
-absl::Status CpuBackend::Validate(std::span<const SequenceInput> batch,
+namespace {
+
+class CpuState final : public BackendState {
+ public:
+  CpuState(const Backend* owner, SessionState state)
+      : BackendState(owner), state(std::move(state)) {}
+  int64_t num_tokens() const override { return state.num_tokens(); }
+  int64_t ByteSize() const override { return state.ByteSize(); }
+
+  SessionState state;
+};
+
+class CpuCheckpoint final : public StateCheckpoint {
+ public:
+  CpuCheckpoint(const BackendState* of, std::vector<KdaLayerState> kda, int64_t num_tokens)
+      : of(of), kda(std::move(kda)), tokens(num_tokens) {}
+  int64_t num_tokens() const override { return tokens; }
+
+  const BackendState* of;
+  std::vector<KdaLayerState> kda;
+  int64_t tokens;
+};
+
+}  // namespace
+
+SessionState* CpuBackend::HostState(BackendState* state) const {
+  if (state == nullptr || state->owner() != this) return nullptr;
+  return &static_cast<CpuState*>(state)->state;
+}
+
+const SessionState* CpuBackend::HostState(const BackendState& state) const {
+  if (state.owner() != this) return nullptr;
+  return &static_cast<const CpuState&>(state).state;
+}
+
+absl::StatusOr<std::unique_ptr<BackendState>> CpuBackend::NewState() {
+  return std::make_unique<CpuState>(this, SessionState(weights_->config));
+}
+
+absl::StatusOr<std::unique_ptr<BackendState>> CpuBackend::CloneState(const BackendState& state) {
+  const SessionState* host = HostState(state);
+  if (host == nullptr) return absl::InvalidArgumentError("clone: a state of another backend");
+  return std::make_unique<CpuState>(this, *host);
+}
+
+absl::StatusOr<std::unique_ptr<BackendState>> CpuBackend::ImportState(SessionState host) {
+  if (!host.MatchesConfig(weights_->config) || host.mla_first_row() != 0) {
+    return absl::InvalidArgumentError(
+        "import: the state does not match the model's shapes or lacks MLA cache rows");
+  }
+  return std::make_unique<CpuState>(this, std::move(host));
+}
+
+absl::Status CpuBackend::ExportState(const BackendState& state, int64_t mla_first_row,
+                                     SessionState* host) {
+  const SessionState* source = HostState(state);
+  if (source == nullptr) return absl::InvalidArgumentError("export: a state of another backend");
+  if (host == nullptr) return absl::InvalidArgumentError("export: no destination");
+  if (mla_first_row < 0 || mla_first_row > source->num_tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat("export: MLA row ", mla_first_row,
+                                                   " is outside [0, ", source->num_tokens(), "]"));
+  }
+  SessionState out(weights_->config);
+  out.kda() = source->kda();
+  const size_t skip = static_cast<size_t>(mla_first_row) * weights_->config.mla_cache_dim();
+  for (size_t l = 0; l < out.mla().size(); ++l) {
+    const std::vector<float>& rows = source->mla()[l].latent;
+    out.mla()[l].latent.assign(rows.begin() + skip, rows.end());
+  }
+  out.set_num_tokens(source->num_tokens());
+  out.set_mla_first_row(mla_first_row);
+  *host = std::move(out);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<StateCheckpoint>> CpuBackend::Checkpoint(const BackendState& state) {
+  const SessionState* host = HostState(state);
+  if (host == nullptr) return absl::InvalidArgumentError("checkpoint: a state of another backend");
+  return std::make_unique<CpuCheckpoint>(&state, host->kda(), host->num_tokens());
+}
+
+absl::Status CpuBackend::Rollback(const StateCheckpoint& checkpoint, BackendState* state) {
+  SessionState* host = HostState(state);
+  const auto& cp = static_cast<const CpuCheckpoint&>(checkpoint);
+  if (host == nullptr || cp.of != state || host->num_tokens() < cp.tokens) {
+    return absl::InvalidArgumentError("rollback: the checkpoint was not taken of this state");
+  }
+  host->kda() = cp.kda;
+  host->TruncateTokens(cp.tokens);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Forward(std::span<const SequenceInput> batch, std::span<float> logits) {
+  std::vector<HostSequenceInput> host(batch.size());
+  for (size_t n = 0; n < batch.size(); ++n) {
+    host[n].tokens = batch[n].tokens;
+    if (batch[n].state != nullptr) {
+      host[n].state = HostState(batch[n].state);
+      if (host[n].state == nullptr) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("forward: sequence ", n, " has a state of another backend"));
+      }
+    }
+  }
+  return ForwardHost(host, logits);
+}
+
+absl::Status CpuBackend::Validate(std::span<const HostSequenceInput> batch,
                                   std::span<float> logits) const {
   const ModelConfig& c = weights_->config;
   if (batch.empty()) return absl::InvalidArgumentError("forward: empty batch");
@@ -39,7 +146,7 @@ absl::Status CpuBackend::Validate(std::span<const SequenceInput> batch,
   }
   std::set<const SessionState*> seen;
   for (size_t n = 0; n < batch.size(); ++n) {
-    const SequenceInput& s = batch[n];
+    const HostSequenceInput& s = batch[n];
     if (s.state == nullptr) {
       return absl::InvalidArgumentError(absl::StrCat("forward: sequence ", n, " has no state"));
     }
@@ -47,7 +154,7 @@ absl::Status CpuBackend::Validate(std::span<const SequenceInput> batch,
       return absl::InvalidArgumentError(
           absl::StrCat("forward: sequence ", n, " repeats a state of the batch"));
     }
-    if (!s.state->MatchesConfig(c)) {
+    if (!s.state->MatchesConfig(c) || s.state->mla_first_row() != 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("forward: sequence ", n, " has a state of another model shape"));
     }
@@ -70,7 +177,8 @@ absl::Status CpuBackend::Validate(std::span<const SequenceInput> batch,
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::Forward(std::span<const SequenceInput> batch, std::span<float> logits) {
+absl::Status CpuBackend::ForwardHost(std::span<const HostSequenceInput> batch,
+                                     std::span<float> logits) {
   if (absl::Status s = Validate(batch, logits); !s.ok()) return s;
   const ModelConfig& c = weights_->config;
   const int64_t d = c.hidden_size;
@@ -78,7 +186,7 @@ absl::Status CpuBackend::Forward(std::span<const SequenceInput> batch, std::span
 
   Packed packed;
   packed.cu_seqlens.push_back(0);
-  for (const SequenceInput& s : batch) {
+  for (const HostSequenceInput& s : batch) {
     packed.cu_seqlens.push_back(packed.cu_seqlens.back() + static_cast<int64_t>(s.tokens.size()));
     packed.states.push_back(s.state);
   }

@@ -26,15 +26,37 @@ struct CpuBackendOptions {
   int mla_absorbed_max_tokens = 1;
 };
 
+// A sequence of a host-state forward (CpuBackend::ForwardHost).
+struct HostSequenceInput {
+  std::span<const int32_t> tokens;  // new tokens of this sequence (>= 1)
+  SessionState* state = nullptr;    // continued in place; distinct per entry
+};
+
+// Its BackendState is a SessionState in host memory, so import, export and clone are copies.
 class CpuBackend final : public Backend {
  public:
   // `weights` must outlive nothing else: the backend shares ownership.
   static absl::StatusOr<std::unique_ptr<CpuBackend>> Create(
       std::shared_ptr<const ModelWeights> weights, CpuBackendOptions options = {});
 
+  absl::StatusOr<std::unique_ptr<BackendState>> NewState() override;
+  absl::StatusOr<std::unique_ptr<BackendState>> CloneState(const BackendState& state) override;
+  absl::StatusOr<std::unique_ptr<BackendState>> ImportState(SessionState host) override;
+  absl::Status ExportState(const BackendState& state, int64_t mla_first_row,
+                           SessionState* host) override;
+  absl::StatusOr<std::unique_ptr<StateCheckpoint>> Checkpoint(const BackendState& state) override;
+  absl::Status Rollback(const StateCheckpoint& checkpoint, BackendState* state) override;
   absl::Status Forward(std::span<const SequenceInput> batch, std::span<float> logits) override;
   const ModelConfig& config() const override { return weights_->config; }
   std::string_view name() const override { return "cpu"; }
+
+  // The same forward pass on host states directly (the reference path the tests and the CUDA
+  // agreement checks drive); validation and errors as for Forward.
+  absl::Status ForwardHost(std::span<const HostSequenceInput> batch, std::span<float> logits);
+
+  // The host state inside a state of this backend; nullptr for a state of another backend.
+  SessionState* HostState(BackendState* state) const;
+  const SessionState* HostState(const BackendState& state) const;
 
  private:
   struct Packed;  // per-call packing of the batch (offsets, states)
@@ -42,7 +64,7 @@ class CpuBackend final : public Backend {
   CpuBackend(std::shared_ptr<const ModelWeights> weights, CpuBackendOptions options)
       : weights_(std::move(weights)), options_(options) {}
 
-  absl::Status Validate(std::span<const SequenceInput> batch, std::span<float> logits) const;
+  absl::Status Validate(std::span<const HostSequenceInput> batch, std::span<float> logits) const;
   // Each writes its layer output [T, D] for the normed input a [T, D].
   void KdaMixer(const LayerWeights& layer, const Packed& packed, const float* a, float* out);
   void MlaMixer(const LayerWeights& layer, const Packed& packed, const float* a, float* out);

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "tests/engine/tiny_model.h"
@@ -32,12 +33,12 @@ std::unique_ptr<CpuBackend> MakeBackend(CpuBackendOptions options = {}) {
 }
 
 // Runs `pieces` of one sequence in order on a fresh state; returns the last logits.
-std::vector<float> RunPieces(Backend& backend, const std::vector<std::vector<int32_t>>& pieces,
+std::vector<float> RunPieces(CpuBackend& backend, const std::vector<std::vector<int32_t>>& pieces,
                              SessionState* state) {
   std::vector<float> logits(backend.config().vocab_size);
   for (const auto& piece : pieces) {
-    SequenceInput input{piece, state};
-    absl::Status s = backend.Forward({&input, 1}, logits);
+    HostSequenceInput input{piece, state};
+    absl::Status s = backend.ForwardHost({&input, 1}, logits);
     EXPECT_TRUE(s.ok()) << s;
   }
   return logits;
@@ -126,9 +127,9 @@ TEST(CpuBackendTest, BatchEqualsSequencesAlone) {
   std::vector<float> lb = RunPieces(*backend, {b}, &sb_alone);
   std::vector<float> lc = RunPieces(*backend, {c}, &sc_alone);
 
-  std::vector<SequenceInput> batch = {{a, &sa}, {b, &sb}, {c, &sc}};
+  std::vector<HostSequenceInput> batch = {{a, &sa}, {b, &sb}, {c, &sc}};
   std::vector<float> logits(3 * vocab);
-  ASSERT_TRUE(backend->Forward(batch, logits).ok());
+  ASSERT_TRUE(backend->ForwardHost(batch, logits).ok());
   auto row = [&](int n) {
     return std::vector<float>(logits.begin() + n * vocab, logits.begin() + (n + 1) * vocab);
   };
@@ -163,45 +164,45 @@ TEST(CpuBackendTest, BadInputIsRefusedWithoutSideEffects) {
   std::vector<float> logits(config.vocab_size);
 
   const std::vector<int32_t> out_of_range = {1, static_cast<int32_t>(config.vocab_size)};
-  SequenceInput bad_id{out_of_range, &state};
-  absl::Status s = backend->Forward({&bad_id, 1}, logits);
+  HostSequenceInput bad_id{out_of_range, &state};
+  absl::Status s = backend->ForwardHost({&bad_id, 1}, logits);
   EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
   EXPECT_NE(s.message().find("outside the vocabulary"), std::string_view::npos) << s;
 
   const std::vector<int32_t> negative = {-1};
-  SequenceInput neg{negative, &state};
-  EXPECT_TRUE(absl::IsInvalidArgument(backend->Forward({&neg, 1}, logits)));
+  HostSequenceInput neg{negative, &state};
+  EXPECT_TRUE(absl::IsInvalidArgument(backend->ForwardHost({&neg, 1}, logits)));
 
-  SequenceInput empty{{}, &state};
-  EXPECT_TRUE(absl::IsInvalidArgument(backend->Forward({&empty, 1}, logits)));
+  HostSequenceInput empty{{}, &state};
+  EXPECT_TRUE(absl::IsInvalidArgument(backend->ForwardHost({&empty, 1}, logits)));
 
   const std::vector<int32_t> one = {5};
-  std::vector<SequenceInput> dup = {{one, &state}, {one, &state}};
+  std::vector<HostSequenceInput> dup = {{one, &state}, {one, &state}};
   std::vector<float> two_rows(2 * config.vocab_size);
-  s = backend->Forward(dup, two_rows);
+  s = backend->ForwardHost(dup, two_rows);
   EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
 
-  SequenceInput ok{one, &state};
+  HostSequenceInput ok{one, &state};
   std::vector<float> small(3);
-  EXPECT_TRUE(absl::IsInvalidArgument(backend->Forward({&ok, 1}, small)));
+  EXPECT_TRUE(absl::IsInvalidArgument(backend->ForwardHost({&ok, 1}, small)));
 
   ModelConfig wider = config;
   wider.linear_attn_config.short_conv_kernel_size = 6;
   SessionState other_conv(wider);  // same KDA state size, longer conv window
-  SequenceInput wrong_conv{one, &other_conv};
-  EXPECT_TRUE(absl::IsInvalidArgument(backend->Forward({&wrong_conv, 1}, logits)));
+  HostSequenceInput wrong_conv{one, &other_conv};
+  EXPECT_TRUE(absl::IsInvalidArgument(backend->ForwardHost({&wrong_conv, 1}, logits)));
 
   SessionState foreign;  // not shaped for this model
-  SequenceInput wrong_state{one, &foreign};
-  EXPECT_TRUE(absl::IsInvalidArgument(backend->Forward({&wrong_state, 1}, logits)));
+  HostSequenceInput wrong_state{one, &foreign};
+  EXPECT_TRUE(absl::IsInvalidArgument(backend->ForwardHost({&wrong_state, 1}, logits)));
 
   // Longer than the context limit.
   SessionState near_limit = state;
   near_limit.set_num_tokens(config.model_max_length);
   for (auto& m : near_limit.mla())
     m.latent.resize(config.model_max_length * config.mla_cache_dim());
-  SequenceInput too_long{one, &near_limit};
-  s = backend->Forward({&too_long, 1}, logits);
+  HostSequenceInput too_long{one, &near_limit};
+  s = backend->ForwardHost({&too_long, 1}, logits);
   EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
   EXPECT_NE(s.message().find("context"), std::string_view::npos) << s;
 
@@ -222,6 +223,156 @@ TEST(CpuBackendTest, RouterWeightingSwitchChangesLogits) {
   std::vector<float> l2 = RunPieces(*biased, {tokens}, &s2);
   EXPECT_GT(kls::testing::MaxRelativeError(std::span<const float>(l1), std::span<const float>(l2)),
             1e-3);
+}
+
+// ---- The BackendState API (what the worker engine uses) ----------------------------------------
+
+std::unique_ptr<BackendState> NewState(Backend& backend) {
+  absl::StatusOr<std::unique_ptr<BackendState>> state = backend.NewState();
+  EXPECT_TRUE(state.ok()) << state.status();
+  return state.ok() ? *std::move(state) : nullptr;
+}
+
+// Feeds `tokens` into `state` through the generic interface; returns the logits.
+std::vector<float> Feed(Backend& backend, BackendState* state, const std::vector<int32_t>& tokens) {
+  std::vector<float> logits(backend.config().vocab_size);
+  SequenceInput input{tokens, state};
+  absl::Status s = backend.Forward({&input, 1}, logits);
+  EXPECT_TRUE(s.ok()) << s;
+  return logits;
+}
+
+SessionState Export(Backend& backend, const BackendState& state, int64_t mla_first_row = 0) {
+  SessionState host;
+  absl::Status s = backend.ExportState(state, mla_first_row, &host);
+  EXPECT_TRUE(s.ok()) << s;
+  return host;
+}
+
+void ExpectStatesEqual(const SessionState& a, const SessionState& b) {
+  ASSERT_EQ(a.num_tokens(), b.num_tokens());
+  ASSERT_EQ(a.mla_first_row(), b.mla_first_row());
+  ASSERT_EQ(a.kda().size(), b.kda().size());
+  for (size_t i = 0; i < a.kda().size(); ++i) {
+    EXPECT_EQ(a.kda()[i].recurrent, b.kda()[i].recurrent) << "KDA layer " << i;
+    EXPECT_EQ(a.kda()[i].conv, b.kda()[i].conv) << "KDA layer " << i;
+  }
+  ASSERT_EQ(a.mla().size(), b.mla().size());
+  for (size_t i = 0; i < a.mla().size(); ++i) {
+    EXPECT_EQ(a.mla()[i].latent, b.mla()[i].latent) << "MLA layer " << i;
+  }
+}
+
+TEST(CpuBackendStateTest, CloneContinuesIndependently) {
+  auto backend = MakeBackend();
+  const std::vector<int32_t> prompt = RandomTokens(40, 1), x = RandomTokens(5, 2),
+                             y = RandomTokens(7, 3);
+  std::unique_ptr<BackendState> a = NewState(*backend);
+  Feed(*backend, a.get(), prompt);
+  absl::StatusOr<std::unique_ptr<BackendState>> b = backend->CloneState(*a);
+  ASSERT_TRUE(b.ok()) << b.status();
+  const std::vector<float> logits_a = Feed(*backend, a.get(), x);
+  const std::vector<float> logits_b = Feed(*backend, b->get(), y);
+
+  // Each branch equals the same pieces fed into a fresh state.
+  for (const auto& [branch, logits, state] :
+       {std::tuple{&x, &logits_a, a.get()}, std::tuple{&y, &logits_b, b->get()}}) {
+    std::unique_ptr<BackendState> fresh = NewState(*backend);
+    Feed(*backend, fresh.get(), prompt);
+    EXPECT_EQ(Feed(*backend, fresh.get(), *branch), *logits);
+    ExpectStatesEqual(Export(*backend, *state), Export(*backend, *fresh));
+  }
+}
+
+TEST(CpuBackendStateTest, ExportHoldsTheRowsAskedFor) {
+  auto backend = MakeBackend();
+  std::unique_ptr<BackendState> state = NewState(*backend);
+  Feed(*backend, state.get(), RandomTokens(30, 4));
+  const SessionState full = Export(*backend, *state);
+  EXPECT_EQ(full.num_tokens(), 30);
+  EXPECT_EQ(full.mla_first_row(), 0);
+  EXPECT_TRUE(full.MatchesConfig(backend->config()));
+
+  const SessionState tail = Export(*backend, *state, 17);
+  EXPECT_EQ(tail.num_tokens(), 30);
+  EXPECT_EQ(tail.mla_first_row(), 17);
+  EXPECT_TRUE(tail.MatchesConfig(backend->config()));
+  const size_t d = backend->config().mla_cache_dim();
+  for (size_t l = 0; l < full.mla().size(); ++l) {
+    const std::vector<float>& rows = full.mla()[l].latent;
+    EXPECT_EQ(tail.mla()[l].latent, std::vector<float>(rows.begin() + 17 * d, rows.end()));
+  }
+  EXPECT_EQ(Export(*backend, *state, 30).mla()[0].latent.size(), 0u);
+
+  SessionState untouched = full;
+  for (int64_t bad : {int64_t{-1}, int64_t{31}}) {
+    absl::Status s = backend->ExportState(*state, bad, &untouched);
+    EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  }
+  ExpectStatesEqual(untouched, full);
+}
+
+TEST(CpuBackendStateTest, ImportContinuesLikeTheOriginal) {
+  auto backend = MakeBackend();
+  const std::vector<int32_t> prompt = RandomTokens(33, 5), more = RandomTokens(4, 6);
+  std::unique_ptr<BackendState> original = NewState(*backend);
+  Feed(*backend, original.get(), prompt);
+  absl::StatusOr<std::unique_ptr<BackendState>> imported =
+      backend->ImportState(Export(*backend, *original));
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  EXPECT_EQ((*imported)->num_tokens(), 33);
+  EXPECT_EQ((*imported)->ByteSize(), original->ByteSize());
+  EXPECT_EQ(Feed(*backend, imported->get(), more), Feed(*backend, original.get(), more));
+
+  // Partial exports, other shapes and empty states of another model are refused.
+  absl::StatusOr<std::unique_ptr<BackendState>> partial =
+      backend->ImportState(Export(*backend, *original, 8));
+  EXPECT_TRUE(absl::IsInvalidArgument(partial.status())) << partial.status();
+  absl::StatusOr<std::unique_ptr<BackendState>> shapeless = backend->ImportState(SessionState());
+  EXPECT_TRUE(absl::IsInvalidArgument(shapeless.status())) << shapeless.status();
+  SessionState short_cache = Export(*backend, *original);
+  short_cache.mla()[0].latent.pop_back();
+  absl::StatusOr<std::unique_ptr<BackendState>> torn = backend->ImportState(short_cache);
+  EXPECT_TRUE(absl::IsInvalidArgument(torn.status())) << torn.status();
+}
+
+TEST(CpuBackendStateTest, RollbackReturnsToTheCheckpoint) {
+  auto backend = MakeBackend();
+  std::unique_ptr<BackendState> state = NewState(*backend);
+  Feed(*backend, state.get(), RandomTokens(21, 7));
+  const SessionState before = Export(*backend, *state);
+  absl::StatusOr<std::unique_ptr<StateCheckpoint>> checkpoint = backend->Checkpoint(*state);
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  EXPECT_EQ((*checkpoint)->num_tokens(), 21);
+  Feed(*backend, state.get(), RandomTokens(9, 8));
+  Feed(*backend, state.get(), RandomTokens(1, 9));
+  ASSERT_TRUE(backend->Rollback(**checkpoint, state.get()).ok());
+  ExpectStatesEqual(Export(*backend, *state), before);
+
+  // A checkpoint of another state is refused and changes nothing.
+  std::unique_ptr<BackendState> other = NewState(*backend);
+  Feed(*backend, other.get(), RandomTokens(25, 10));
+  const SessionState other_before = Export(*backend, *other);
+  absl::Status s = backend->Rollback(**checkpoint, other.get());
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  ExpectStatesEqual(Export(*backend, *other), other_before);
+}
+
+TEST(CpuBackendStateTest, StatesOfAnotherBackendAreRefused) {
+  auto mine = MakeBackend();
+  auto theirs = MakeBackend();
+  std::unique_ptr<BackendState> foreign = NewState(*theirs);
+  Feed(*theirs, foreign.get(), RandomTokens(3, 11));
+  const std::vector<int32_t> one = {7};
+  std::vector<float> logits(mine->config().vocab_size);
+  SequenceInput input{one, foreign.get()};
+  absl::Status s = mine->Forward({&input, 1}, logits);
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_EQ(foreign->num_tokens(), 3);
+  EXPECT_TRUE(absl::IsInvalidArgument(mine->CloneState(*foreign).status()));
+  SessionState host;
+  EXPECT_TRUE(absl::IsInvalidArgument(mine->ExportState(*foreign, 0, &host)));
+  EXPECT_TRUE(absl::IsInvalidArgument(mine->Checkpoint(*foreign).status()));
 }
 
 }  // namespace

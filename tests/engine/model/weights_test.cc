@@ -101,9 +101,10 @@ TEST(WeightsTest, LoadsCheckpointsWrittenInOtherLayouts) {
   // And the model runs on it.
   auto backend = CpuBackend::Create(std::shared_ptr<const ModelWeights>(*std::move(loaded)));
   ASSERT_TRUE(backend.ok());
-  SessionState state((*backend)->config());
+  absl::StatusOr<std::unique_ptr<BackendState>> state = (*backend)->NewState();
+  ASSERT_TRUE(state.ok()) << state.status();
   const std::vector<int32_t> tokens = {1, 2, 3, 4, 5};
-  SequenceInput input{tokens, &state};
+  SequenceInput input{tokens, state->get()};
   std::vector<float> logits((*backend)->config().vocab_size);
   ASSERT_TRUE((*backend)->Forward({&input, 1}, logits).ok());
   EXPECT_TRUE(kls::testing::AllFinite(logits));

@@ -23,7 +23,13 @@ std::vector<int32_t> Prompt() {
   return *ids;
 }
 
-GenerateResult RunTurn(Backend& backend, SessionState* state, const std::vector<int32_t>& prompt,
+std::unique_ptr<BackendState> NewState(Backend& backend) {
+  absl::StatusOr<std::unique_ptr<BackendState>> state = backend.NewState();
+  EXPECT_TRUE(state.ok()) << state.status();
+  return state.ok() ? *std::move(state) : nullptr;
+}
+
+GenerateResult RunTurn(Backend& backend, BackendState* state, const std::vector<int32_t>& prompt,
                        const GenerateOptions& options) {
   absl::StatusOr<GenerateResult> r = Generate(backend, state, prompt, options);
   EXPECT_TRUE(r.ok()) << r.status();
@@ -32,17 +38,18 @@ GenerateResult RunTurn(Backend& backend, SessionState* state, const std::vector<
 
 TEST(GeneratorTest, SameSeedSameTokens) {
   auto backend = MakeBackend();
-  const ModelConfig& config = backend->config();
   GenerateOptions options;
   options.sampler = {1.0f, 0.9f, 50, 1234};
   options.max_tokens = 24;
-  SessionState s1(config), s2(config), s3(config);
-  GenerateResult a = RunTurn(*backend, &s1, Prompt(), options);
-  GenerateResult b = RunTurn(*backend, &s2, Prompt(), options);
+  std::unique_ptr<BackendState> s1 = NewState(*backend);
+  std::unique_ptr<BackendState> s2 = NewState(*backend);
+  std::unique_ptr<BackendState> s3 = NewState(*backend);
+  GenerateResult a = RunTurn(*backend, s1.get(), Prompt(), options);
+  GenerateResult b = RunTurn(*backend, s2.get(), Prompt(), options);
   EXPECT_EQ(a.tokens, b.tokens);
   EXPECT_EQ(a.tokens.size(), 24u);
   options.sampler.seed = 99;
-  GenerateResult c = RunTurn(*backend, &s3, Prompt(), options);
+  GenerateResult c = RunTurn(*backend, s3.get(), Prompt(), options);
   EXPECT_NE(a.tokens, c.tokens);  // 24 draws at temperature 1 coinciding would be astonishing
 }
 
@@ -52,12 +59,12 @@ TEST(GeneratorTest, GreedyIsArgmaxOfLogits) {
   GenerateOptions options;
   options.sampler.temperature = 0;
   options.max_tokens = 1;
-  SessionState state(config);
-  GenerateResult r = RunTurn(*backend, &state, Prompt(), options);
-  SessionState again(config);
+  std::unique_ptr<BackendState> state = NewState(*backend);
+  GenerateResult r = RunTurn(*backend, state.get(), Prompt(), options);
+  std::unique_ptr<BackendState> again = NewState(*backend);
   std::vector<float> logits(config.vocab_size);
   std::vector<int32_t> prompt = Prompt();
-  SequenceInput input{prompt, &again};
+  SequenceInput input{prompt, again.get()};
   ASSERT_TRUE(backend->Forward({&input, 1}, logits).ok());
   const int32_t argmax =
       static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
@@ -68,25 +75,24 @@ TEST(GeneratorTest, GreedyIsArgmaxOfLogits) {
 // ARCHITECTURE.md §3: every generated token but the last is fed; the last is pending.
 TEST(GeneratorTest, LastTokenIsPendingAndNextTurnContinues) {
   auto backend = MakeBackend();
-  const ModelConfig& config = backend->config();
   GenerateOptions options;
   options.sampler.temperature = 0;
   options.max_tokens = 10;
   const std::vector<int32_t> prompt = Prompt();
-  SessionState state(config);
-  GenerateResult first = RunTurn(*backend, &state, prompt, options);
+  std::unique_ptr<BackendState> state = NewState(*backend);
+  GenerateResult first = RunTurn(*backend, state.get(), prompt, options);
   ASSERT_EQ(first.finish, FinishReason::kLength);
-  EXPECT_EQ(state.num_tokens(), static_cast<int64_t>(prompt.size() + first.tokens.size() - 1));
+  EXPECT_EQ(state->num_tokens(), static_cast<int64_t>(prompt.size() + first.tokens.size() - 1));
   EXPECT_EQ(first.pending_token, first.tokens.back());
 
   // Turn 2 on the session equals one fresh prefill of the whole history.
   std::vector<int32_t> turn2 = {first.pending_token, 65, 66, 67};
-  GenerateResult second = RunTurn(*backend, &state, turn2, options);
+  GenerateResult second = RunTurn(*backend, state.get(), turn2, options);
   std::vector<int32_t> history = prompt;
   history.insert(history.end(), first.tokens.begin(), first.tokens.end() - 1);
   history.insert(history.end(), turn2.begin(), turn2.end());
-  SessionState fresh(config);
-  GenerateResult replay = RunTurn(*backend, &fresh, history, options);
+  std::unique_ptr<BackendState> fresh = NewState(*backend);
+  GenerateResult replay = RunTurn(*backend, fresh.get(), history, options);
   EXPECT_EQ(second.tokens, replay.tokens);
 }
 
@@ -95,13 +101,13 @@ TEST(GeneratorTest, StopTokenEndsTheTurn) {
   GenerateOptions options;
   options.sampler.temperature = 0;
   options.max_tokens = 5;
-  SessionState probe(backend->config());
-  GenerateResult free_run = RunTurn(*backend, &probe, Prompt(), options);
+  std::unique_ptr<BackendState> probe = NewState(*backend);
+  GenerateResult free_run = RunTurn(*backend, probe.get(), Prompt(), options);
   ASSERT_GE(free_run.tokens.size(), 3u);
   // Declare the third greedy token a stop token: the turn ends there with kStop.
   options.stop_token_ids = {free_run.tokens[2]};
-  SessionState state(backend->config());
-  GenerateResult r = RunTurn(*backend, &state, Prompt(), options);
+  std::unique_ptr<BackendState> state = NewState(*backend);
+  GenerateResult r = RunTurn(*backend, state.get(), Prompt(), options);
   const auto first_stop =
       std::find(free_run.tokens.begin(), free_run.tokens.end(), free_run.tokens[2]);
   EXPECT_EQ(r.finish, FinishReason::kStop);
@@ -113,9 +119,9 @@ TEST(GeneratorTest, CancelStopsAfterTheToken) {
   GenerateOptions options;
   options.max_tokens = 50;
   int seen = 0;
-  SessionState state(backend->config());
+  std::unique_ptr<BackendState> state = NewState(*backend);
   absl::StatusOr<GenerateResult> r =
-      Generate(*backend, &state, Prompt(), options, [&](int32_t) { return ++seen < 3; });
+      Generate(*backend, state.get(), Prompt(), options, [&](int32_t) { return ++seen < 3; });
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->finish, FinishReason::kCancelled);
   EXPECT_EQ(r->tokens.size(), 3u);
@@ -124,16 +130,16 @@ TEST(GeneratorTest, CancelStopsAfterTheToken) {
 TEST(GeneratorTest, BadOptionsAndPromptsAreRefusedBeforeAnyChange) {
   auto backend = MakeBackend();
   const ModelConfig& config = backend->config();
-  SessionState state(config);
+  std::unique_ptr<BackendState> state = NewState(*backend);
   const std::vector<int32_t> prompt = Prompt();
   GenerateOptions options;
   auto expect_invalid = [&](const GenerateOptions& o, std::span<const int32_t> p,
                             const char* needle) {
-    absl::StatusOr<GenerateResult> r = Generate(*backend, &state, p, o);
+    absl::StatusOr<GenerateResult> r = Generate(*backend, state.get(), p, o);
     ASSERT_FALSE(r.ok());
     EXPECT_TRUE(absl::IsInvalidArgument(r.status())) << r.status();
     EXPECT_NE(r.status().message().find(needle), std::string_view::npos) << r.status();
-    EXPECT_EQ(state.num_tokens(), 0);
+    EXPECT_EQ(state->num_tokens(), 0);
   };
   GenerateOptions o = options;
   o.sampler.temperature = -1;
@@ -172,28 +178,28 @@ TEST(GeneratorTest, ContextLimitEdges) {
   GenerateOptions options;
   options.max_tokens = 100;
 
-  SessionState full(weights->config);
+  std::unique_ptr<BackendState> full = NewState(**backend);
   const std::vector<int32_t> twenty(20, 65);
-  absl::StatusOr<GenerateResult> r = Generate(**backend, &full, twenty, options);
+  absl::StatusOr<GenerateResult> r = Generate(**backend, full.get(), twenty, options);
   ASSERT_FALSE(r.ok());
   EXPECT_TRUE(absl::IsInvalidArgument(r.status())) << r.status();
-  EXPECT_EQ(full.num_tokens(), 0);
+  EXPECT_EQ(full->num_tokens(), 0);
 
-  SessionState nineteen_state(weights->config);
+  std::unique_ptr<BackendState> nineteen_state = NewState(**backend);
   const std::vector<int32_t> nineteen(19, 65);
-  r = Generate(**backend, &nineteen_state, nineteen, options);
+  r = Generate(**backend, nineteen_state.get(), nineteen, options);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->tokens.size(), 1u);
   EXPECT_EQ(r->finish, FinishReason::kLength);
-  EXPECT_EQ(nineteen_state.num_tokens(), 19);
+  EXPECT_EQ(nineteen_state->num_tokens(), 19);
 
-  SessionState ten_state(weights->config);
+  std::unique_ptr<BackendState> ten_state = NewState(**backend);
   const std::vector<int32_t> ten(10, 65);
-  r = Generate(**backend, &ten_state, ten, options);
+  r = Generate(**backend, ten_state.get(), ten, options);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->tokens.size(), 10u);  // positions 10..19; the last one is pending
   EXPECT_EQ(r->finish, FinishReason::kLength);
-  EXPECT_EQ(ten_state.num_tokens(), 19);
+  EXPECT_EQ(ten_state->num_tokens(), 19);
 }
 
 // Broken numbers never become tokens.
@@ -202,8 +208,8 @@ TEST(GeneratorTest, NanLogitsAreAnInternalError) {
   weights->final_norm[0] = std::numeric_limits<float>::quiet_NaN();
   auto backend = CpuBackend::Create(weights);
   ASSERT_TRUE(backend.ok());
-  SessionState state(weights->config);
-  absl::StatusOr<GenerateResult> r = Generate(**backend, &state, Prompt(), GenerateOptions{});
+  std::unique_ptr<BackendState> state = NewState(**backend);
+  absl::StatusOr<GenerateResult> r = Generate(**backend, state.get(), Prompt(), GenerateOptions{});
   ASSERT_FALSE(r.ok());
   EXPECT_TRUE(absl::IsInternal(r.status())) << r.status();
 }

@@ -491,6 +491,35 @@ INSTANTIATE_TEST_SUITE_P(Tokens, MlaBlockRoundTripTest,
                            return absl::StrCat("T", info.param);
                          });
 
+// A state that holds only the rows from some token on (what a backend exports for an
+// incremental snapshot) encodes the same blocks as the whole state, and refuses the rows it
+// does not hold.
+TEST(MlaBlockTest, StateHoldingLaterRowsOnlyEncodesTheSameBlocks) {
+  const ModelConfig config = TinyConfig();
+  const SessionState full = RandomState(config, 31, 600);
+  SessionState tail = full;
+  const size_t skip = size_t{512} * config.mla_cache_dim();
+  for (MlaLayerState& s : tail.mla()) s.latent.erase(s.latent.begin(), s.latent.begin() + skip);
+  tail.set_mla_first_row(512);
+  EXPECT_TRUE(tail.MatchesConfig(config));
+  absl::StatusOr<std::string> from_full = EncodeMlaBlock(full, config, kFingerprint, 512, 88);
+  absl::StatusOr<std::string> from_tail = EncodeMlaBlock(tail, config, kFingerprint, 512, 88);
+  ASSERT_TRUE(from_full.ok()) << from_full.status();
+  ASSERT_TRUE(from_tail.ok()) << from_tail.status();
+  EXPECT_EQ(*from_full, *from_tail);
+  absl::StatusOr<std::string> missing = EncodeMlaBlock(tail, config, kFingerprint, 256, 256);
+  EXPECT_TRUE(absl::IsInvalidArgument(missing.status())) << missing.status();
+  EXPECT_NE(missing.status().message().find("[512, 600)"), std::string_view::npos)
+      << missing.status();
+  // The KDA chunks do not depend on which MLA rows are held.
+  absl::StatusOr<std::vector<std::string>> chunks_full =
+      EncodeStateChunks(full, config, kFingerprint);
+  absl::StatusOr<std::vector<std::string>> chunks_tail =
+      EncodeStateChunks(tail, config, kFingerprint);
+  ASSERT_TRUE(chunks_full.ok() && chunks_tail.ok());
+  EXPECT_EQ(*chunks_full, *chunks_tail);
+}
+
 TEST(MlaBlockTest, OutOfOrderBlockIsRejectedAndLeavesStateUnchanged) {
   const ModelConfig config = TinyConfig();
   const SessionState state = RandomState(config, 31, 600);

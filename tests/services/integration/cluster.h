@@ -169,12 +169,14 @@ inline std::vector<int32_t> UninterruptedRun(const std::vector<int32_t>& history
   absl::StatusOr<std::unique_ptr<engine::CpuBackend>> backend =
       engine::CpuBackend::Create(model.weights);
   EXPECT_TRUE(backend.ok());
-  engine::SessionState state(model.weights->config);
+  absl::StatusOr<std::unique_ptr<engine::BackendState>> state = (*backend)->NewState();
+  EXPECT_TRUE(state.ok()) << state.status();
+  if (!state.ok()) return {};
   engine::GenerateOptions options;
   options.sampler.temperature = 0;
   options.max_tokens = max_tokens;
   absl::StatusOr<engine::GenerateResult> result =
-      engine::Generate(**backend, &state, history, options);
+      engine::Generate(**backend, state->get(), history, options);
   EXPECT_TRUE(result.ok()) << result.status();
   return result.ok() ? result->tokens : std::vector<int32_t>();
 }
