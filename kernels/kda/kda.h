@@ -21,9 +21,12 @@
 namespace kls::kernels {
 
 struct KdaParams {
+  // q, k, v rows are qkv_token_stride elements apart (the conv output [T, 3·H·K] holds them
+  // side by side); heads within a row are contiguous.
   const __nv_bfloat16* q = nullptr;            // [total_tokens, H, K]  post-conv, pre-L2-norm
   const __nv_bfloat16* k = nullptr;            // [total_tokens, H, K]  post-conv, pre-L2-norm
   const __nv_bfloat16* v = nullptr;            // [total_tokens, H, V]
+  int64_t qkv_token_stride = 0;                // >= H·K, a multiple of 8; 0 means H·K
   const __nv_bfloat16* f = nullptr;            // [total_tokens, H, K]  gate pre-activation
   const __nv_bfloat16* beta_logits = nullptr;  // [total_tokens, H]     pre-sigmoid
   const float* a_log = nullptr;                // [H]

@@ -94,8 +94,10 @@ struct WorkspaceLayout {
 };
 
 bool SupportedShape(const KdaParams& p) {
+  const int64_t hk = static_cast<int64_t>(p.num_heads) * p.head_dim;
   return p.num_seqs >= 1 && p.num_heads >= 1 && p.total_tokens >= 0 &&
-         (p.head_dim == 64 || p.head_dim == 128);
+         (p.head_dim == 64 || p.head_dim == 128) &&
+         (p.qkv_token_stride == 0 || (p.qkv_token_stride >= hk && p.qkv_token_stride % 8 == 0));
 }
 
 WorkspaceLayout Layout(const KdaParams& p) {
@@ -173,6 +175,8 @@ cudaError_t LaunchAll(const KdaParams& p, const WorkspaceLayout& l, unsigned cha
   pa.k = p.k;
   pa.v = p.v;
   pa.f = p.f;
+  pa.qkv_token_stride =
+      p.qkv_token_stride != 0 ? p.qkv_token_stride : static_cast<int64_t>(p.num_heads) * K;
   pa.beta_logits = p.beta_logits;
   pa.a_log = p.a_log;
   pa.dt_bias = p.dt_bias;

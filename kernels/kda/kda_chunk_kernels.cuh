@@ -74,6 +74,7 @@ struct PrepareArgs {
   const bf16* k;
   const bf16* v;
   const bf16* f;
+  int64_t qkv_token_stride;  // elements between tokens of q, k, v (f is [T, H, K] contiguous)
   const bf16* beta_logits;
   const float* a_log;
   const float* dt_bias;
@@ -217,6 +218,7 @@ __global__ void __launch_bounds__(kThreads, 2) KdaChunkPrepareKernel(const Prepa
       static_cast<int>(min(static_cast<int64_t>(kChunk), args.cu_seqlens[lo + 1] - tok0));
   const int64_t row_stride = static_cast<int64_t>(num_heads) * K;
   const int64_t in_off = (tok0 * num_heads + h) * K;
+  const int64_t qkv_off = tok0 * args.qkv_token_stride + static_cast<int64_t>(h) * K;
   const size_t tile = static_cast<size_t>(gc) * num_heads + h;
   f16* const qg_out = args.qg + tile * kChunk * K;
   f16* const kg_out = args.kg + tile * kChunk * K;
@@ -226,8 +228,8 @@ __global__ void __launch_bounds__(kThreads, 2) KdaChunkPrepareKernel(const Prepa
   float* const gamma_out = args.gamma + tile * K;
 
   // ---- Phase 0: stage q, k, f; β.
-  StageRows<K>(qs, args.q + in_off, row_stride, len, tid);
-  StageRows<K>(ks, args.k + in_off, row_stride, len, tid);
+  StageRows<K>(qs, args.q + qkv_off, args.qkv_token_stride, len, tid);
+  StageRows<K>(ks, args.k + qkv_off, args.qkv_token_stride, len, tid);
   StageRows<K>(fs, args.f + in_off, row_stride, len, tid);
   CpAsyncCommit();
   if (tid < kChunk) {
@@ -605,7 +607,7 @@ __global__ void __launch_bounds__(kThreads, 2) KdaChunkPrepareKernel(const Prepa
   __syncthreads();
 
   // ---- Phase 4: stage v (overlaps the inverse); T = (I + A)⁻¹; M = T·Diag(β).
-  StageRows<K>(vs, args.v + in_off, row_stride, len, tid);
+  StageRows<K>(vs, args.v + qkv_off, args.qkv_token_stride, len, tid);
   CpAsyncCommit();
   if (tid < 64) {  // diagonal blocks: forward substitution, thread = (block, column)
     const int blk = tid >> 4, c = tid & 15;

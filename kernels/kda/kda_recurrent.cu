@@ -136,7 +136,8 @@ __global__ void __launch_bounds__(kThreads, 8) KdaRecurrentKernel(const KdaParam
 
   for (int t = bos; t < eos; ++t) {
     const int64_t row =
-        (static_cast<int64_t>(t) * num_heads + h) * kDim;  // [t, h, :] of q, k, f, v, out (K == V)
+        (static_cast<int64_t>(t) * num_heads + h) * kDim;  // [t, h, :] of f and out (K == V)
+    const int64_t qkv_row = static_cast<int64_t>(t) * p.qkv_token_stride + h * kDim;  // q, k, v
     // Every warp reduces the full norms itself, so no barrier: lane loads the element that lane
     // owns in warp e (e < kWarps covers all K; lanes past kRows in their group duplicate and
     // are left out of the sums). Element `warp` is this lane's own row.
@@ -144,11 +145,11 @@ __global__ void __launch_bounds__(kThreads, 8) KdaRecurrentKernel(const KdaParam
 #pragma unroll
     for (int e = 0; e < kWarps; ++e) {
       const int idx = own_row + 8 * (e - warp);
-      qn[e] = __bfloat162float(p.q[row + idx]);
-      kn[e] = __bfloat162float(p.k[row + idx]);
+      qn[e] = __bfloat162float(p.q[qkv_row + idx]);
+      kn[e] = __bfloat162float(p.k[qkv_row + idx]);
     }
     const float fe = __bfloat162float(p.f[row + own_row]);
-    const float4 v = LoadBf16x4(p.v + row + col);
+    const float4 v = LoadBf16x4(p.v + qkv_row + col);
     const float beta =
         1.f /
         (1.f + expf(-__bfloat162float(p.beta_logits[static_cast<int64_t>(t) * num_heads + h])));
@@ -256,6 +257,10 @@ bool ValidRecurrentParams(const KdaParams& p) {
   }
   if (p.num_seqs < 1 || p.num_heads < 1 || p.total_tokens < 0) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;
+  const int64_t hk = static_cast<int64_t>(p.num_heads) * p.head_dim;
+  if (p.qkv_token_stride != 0 && (p.qkv_token_stride < hk || p.qkv_token_stride % 8 != 0)) {
+    return false;
+  }
   if (!Aligned(p.state_pool, 16) || !Aligned(p.v, 8) || !Aligned(p.out, 8)) return false;
   const int64_t blocks = static_cast<int64_t>(p.num_seqs) * p.num_heads * (p.head_dim / kBlockV);
   return blocks <= INT32_MAX;
@@ -268,10 +273,12 @@ cudaError_t LaunchKdaRecurrent(const KdaParams& params, cudaStream_t stream) {
   if (params.total_tokens == 0) return cudaSuccess;  // every sequence is empty
   const unsigned blocks = static_cast<unsigned>(static_cast<int64_t>(params.num_seqs) *
                                                 params.num_heads * (params.head_dim / kBlockV));
-  if (params.head_dim == 64) {
-    KdaRecurrentKernel<64><<<blocks, kThreads, 0, stream>>>(params);
+  KdaParams p = params;
+  if (p.qkv_token_stride == 0) p.qkv_token_stride = static_cast<int64_t>(p.num_heads) * p.head_dim;
+  if (p.head_dim == 64) {
+    KdaRecurrentKernel<64><<<blocks, kThreads, 0, stream>>>(p);
   } else {
-    KdaRecurrentKernel<128><<<blocks, kThreads, 0, stream>>>(params);
+    KdaRecurrentKernel<128><<<blocks, kThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }

@@ -377,6 +377,37 @@ TEST_F(KdaChunkKernelTest, GraphReplayIsBitIdentical) {
 }
 
 // Unsupported arguments are refused before any launch and leave everything untouched.
+// q, k and v read from one fused [T, 3·H·D + pad] buffer (the engine's conv output) give the
+// same bits as contiguous inputs; a stride the kernel cannot take is refused.
+TEST_F(KdaChunkKernelTest, StridedQkvEqualsContiguous) {
+  const KdaProblem p =
+      MakeKdaProblem({130, 7, 64}, {2, 0, 1}, 3, 4, 128, KdaGateMode::kModel, 1200);
+  KdaResult contiguous;
+  ASSERT_NO_FATAL_FAILURE(RunChunk(p, stream(), contiguous));
+
+  KdaDeviceInputs d;
+  ASSERT_CUDA_OK(UploadKdaInputs(p, d));
+  DeviceBuffer<float> pool;
+  ASSERT_CUDA_OK(Upload(::kls::testing::ToFloat(p.pool), pool));
+  KdaParams params = MakeKdaParams(p, d, pool.get());
+  DeviceBuffer<__nv_bfloat16> fused;
+  ASSERT_CUDA_OK(::kls::testing::UploadFusedQkv(p, 3 * 4 * 128 + 8, fused, params));
+  DeviceBuffer<unsigned char> ws;
+  ASSERT_CUDA_OK(MakeWorkspace(params, ws));
+  ASSERT_CUDA_OK(LaunchKdaChunk(params, ws.get(), ws.size(), stream()));
+  ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
+  KdaResult strided;
+  ASSERT_NO_FATAL_FAILURE(CopyOut(d, strided.out));
+  ASSERT_NO_FATAL_FAILURE(CopyPool(pool, strided.pool));
+  EXPECT_EQ(strided.out, contiguous.out);
+  EXPECT_EQ(strided.pool, contiguous.pool);
+
+  for (int64_t bad : {int64_t{4 * 128 - 8}, int64_t{3 * 4 * 128 + 4}}) {
+    params.qkv_token_stride = bad;
+    EXPECT_EQ(LaunchKdaChunk(params, ws.get(), ws.size(), stream()), cudaErrorInvalidValue) << bad;
+  }
+}
+
 TEST_F(KdaChunkKernelTest, RefusesBadArguments) {
   const KdaProblem p = MakeKdaProblem({70, 3}, {1, 0}, 2, 2, 64, KdaGateMode::kModel, 1300);
   KdaDeviceInputs d;

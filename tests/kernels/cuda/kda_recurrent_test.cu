@@ -220,6 +220,35 @@ TEST_F(KdaRecurrentKernelTest, ChainEqualsOneCall) {
   EXPECT_TRUE(MatchesReference(one_call.pool, ref.pool, kFp32Tolerance, kStateRmsBound));
 }
 
+// q, k and v read from one fused [T, 3·H·D + pad] buffer (the engine's conv output) give the
+// same bits as contiguous inputs; a stride the kernel cannot take is refused.
+TEST_F(KdaRecurrentKernelTest, StridedQkvEqualsContiguous) {
+  const KdaProblem p = MakeKdaProblem({3, 1, 6}, {0, 2, 1}, 3, 4, 128, KdaGateMode::kModel, 1100);
+  KdaResult contiguous;
+  ASSERT_NO_FATAL_FAILURE(RunKernel(p, stream(), contiguous));
+
+  KdaDeviceInputs d;
+  ASSERT_CUDA_OK(UploadKdaInputs(p, d));
+  DeviceBuffer<float> pool;
+  ASSERT_CUDA_OK(Upload(::kls::testing::ToFloat(p.pool), pool));
+  KdaParams params = MakeKdaParams(p, d, pool.get());
+  DeviceBuffer<__nv_bfloat16> fused;
+  ASSERT_CUDA_OK(::kls::testing::UploadFusedQkv(p, 3 * 4 * 128 + 8, fused, params));
+  ASSERT_CUDA_OK(LaunchKdaRecurrent(params, stream()));
+  ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
+  std::vector<__nv_bfloat16> out;
+  std::vector<float> pool_host;
+  ASSERT_CUDA_OK(Download(d.out, out));
+  ASSERT_CUDA_OK(Download(pool, pool_host));
+  EXPECT_EQ(::kls::testing::Bf16ToDouble(out), contiguous.out);
+  EXPECT_EQ(::kls::testing::ToDouble(pool_host), contiguous.pool);
+
+  for (int64_t bad : {int64_t{4 * 128 - 8}, int64_t{3 * 4 * 128 + 4}}) {
+    params.qkv_token_stride = bad;
+    EXPECT_EQ(LaunchKdaRecurrent(params, stream()), cudaErrorInvalidValue) << bad;
+  }
+}
+
 // The launcher records into a CUDA graph (no synchronization, no allocation) and each replay is
 // one decode step.
 TEST_F(KdaRecurrentKernelTest, ReplaysInCudaGraph) {

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <ostream>
 #include <string>
@@ -222,6 +223,29 @@ inline kernels::KdaParams MakeKdaParams(const KdaProblem& p, KdaDeviceInputs& d,
   params.head_dim = p.head_dim;
   params.scale = static_cast<float>(p.scale());
   return params;
+}
+
+// Uploads q, k and v of `p` side by side into one buffer [total, token_stride] (q at column 0,
+// k at H·D, v at 2·H·D; the columns past 3·H·D hold NaN, which the kernel must never read), the
+// layout of the engine's conv output, and points `params` at it.
+inline cudaError_t UploadFusedQkv(const KdaProblem& p, int64_t token_stride,
+                                  DeviceBuffer<__nv_bfloat16>& fused, kernels::KdaParams& params) {
+  const int64_t width = static_cast<int64_t>(p.num_heads) * p.head_dim;
+  std::vector<double> host(static_cast<size_t>(p.total() * token_stride),
+                           std::numeric_limits<double>::quiet_NaN());
+  for (int64_t t = 0; t < p.total(); ++t) {
+    for (int64_t i = 0; i < width; ++i) {
+      host[t * token_stride + i] = p.q[t * width + i];
+      host[t * token_stride + width + i] = p.k[t * width + i];
+      host[t * token_stride + 2 * width + i] = p.v[t * width + i];
+    }
+  }
+  const cudaError_t err = Upload(ToBf16(host), fused);
+  params.q = fused.get();
+  params.k = fused.get() + width;
+  params.v = fused.get() + 2 * width;
+  params.qkv_token_stride = token_stride;
+  return err;
 }
 
 // Expects the slots of `pool` ([num_slots, H, D, D], after a call) that no sequence of `p` uses
