@@ -1,0 +1,316 @@
+// MLA prefill: causal, non-absorbed attention over decompressed keys and values, varlen, with
+// the queries the last len_q positions of each sequence's len_k keys (contract: mla.h; math:
+// README.md "CUDA kernels"). Flash-attention-2 style: the scores exist only as register tiles.
+//
+// CTA mapping. One CTA of 256 threads (8 warps) per (tile of 128 queries, sequence, head), on a
+// 1-D grid ordered by query tile DESCENDING (head fastest, then sequence): under the causal mask
+// a tile's work grows with its index, so the longest CTAs start first and the short ones fill
+// the tail. Each warp owns 16 query rows; the CTA walks the keys it needs (0 .. the last query's
+// position) in blocks of 64:
+//   S = Q·Kᵀ (bf16 m16n8k16, fp32 accumulation; the warp's Q rows stay in registers as A
+//       fragments for the whole CTA: 48 registers at Dqk = 192; K from shared memory through
+//       ldmatrix), scaled into the exp2 domain, causally masked on the blocks that cross the
+//       diagonal (a warp skips blocks that are entirely above its diagonal);
+//   online softmax per row in registers (the 4 lanes of a row reduce with shuffles);
+//   O += P·V with P re-packed from the S accumulators into A fragments (bf16), V through
+//       ldmatrix.trans; O is 16 × Dv fp32 per warp (64 registers at Dv = 128).
+// K and V blocks are double-buffered with cp.async: block j + 1 loads while block j is used.
+// Shared memory at (192, 128): Q 50 KB + 2 × (K 25 KB + V 17 KB) = 134 KB (rows padded by 8
+// elements so ldmatrix is conflict-free); one CTA per SM. Rows past a sequence's end are
+// zero-filled and never stored.
+//
+// Numerics: fp32 scores, softmax statistics and output accumulators; P is rounded to bf16 for
+// the P·V product (the row sums use the unrounded values); the output is rounded to bf16 once.
+//
+// Limits (host-checked, cudaErrorInvalidValue): (Dqk, Dv) ∈ {(192, 128), (48, 32)}; 16-byte
+// aligned q, k, v, out and strides that are multiples of 8 elements; grid < 2³¹ CTAs.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/mla/mla.h"
+#include "kernels/mla/mla_mma.cuh"
+
+namespace kls::kernels {
+namespace mla {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBlockM = 16 * kWarps;  // queries per CTA
+constexpr int kBlockN = 64;           // keys per block
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int kDqkT, int kDvT>
+struct PrefillConfig {
+  static constexpr int kDqk = kDqkT;
+  static constexpr int kDv = kDvT;
+  static constexpr int kQkStride = kDqk + 8;  // smem row strides (elements)
+  static constexpr int kVStride = kDv + 8;
+  static constexpr int kK16 = kDqk / 16;
+  static constexpr int kNTilesS = kBlockN / 8;
+  static constexpr int kNTilesO = kDv / 8;
+  static constexpr int kQElems = kBlockM * kQkStride;
+  static constexpr int kKElems = kBlockN * kQkStride;
+  static constexpr int kVElems = kBlockN * kVStride;
+  static constexpr int kSmemBytes = (kQElems + 2 * (kKElems + kVElems)) * 2;
+  static_assert(kDqk % 16 == 0 && kDv % 16 == 0, "MMA tiles are 16 deep and 16 wide");
+  static_assert(kSmemBytes <= 227 * 1024);
+};
+
+// cp.async of rows [0, kRows) of a [rows, kDim] tile whose row r lives at base + r·stride; rows
+// at or past valid_rows are zero-filled without being read.
+template <int kRows, int kDim, int kStride>
+__device__ __forceinline__ void LoadRows(bf16* dst, const bf16* base, int64_t stride,
+                                         int valid_rows, int tid) {
+  constexpr int kChunks = kDim / 8;
+#pragma unroll 4
+  for (int i = tid; i < kRows * kChunks; i += kThreads) {
+    const int row = i / kChunks, c = i % kChunks;
+    const bool valid = row < valid_rows;
+    const bf16* src = valid ? base + row * stride + c * 8 : base;
+    CpAsync16(dst + row * kStride + c * 8, src, valid);
+  }
+}
+
+template <class C>
+__global__ void __launch_bounds__(kThreads, 1)
+    MlaPrefillKernel(const __grid_constant__ MlaPrefillParams p, const int num_q_tiles) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* const qs = reinterpret_cast<bf16*>(smem);  // [kBlockM][kQkStride]
+  bf16* const ks = qs + C::kQElems;                // [2][kBlockN][kQkStride]
+  bf16* const vs = ks + 2 * C::kKElems;            // [2][kBlockN][kVStride]
+
+  const int64_t per_tile = static_cast<int64_t>(p.num_seqs) * p.num_heads;
+  const int64_t linear = blockIdx.x;
+  const int tile = num_q_tiles - 1 - static_cast<int>(linear / per_tile);
+  const int rem = static_cast<int>(linear % per_tile);
+  const int n = rem / p.num_heads, h = rem % p.num_heads;
+
+  const int q_bos = p.cu_seqlens_q[n];
+  const int len_q = p.cu_seqlens_q[n + 1] - q_bos;
+  const int k_bos = p.cu_seqlens_k[n];
+  const int len_k = p.cu_seqlens_k[n + 1] - k_bos;
+  const int q0 = tile * kBlockM;
+  if (q0 >= len_q) return;
+  const int offset = len_k - len_q;  // position of local query 0 among the keys
+  const int rows_here = min(kBlockM, len_q - q0);
+  // Keys any valid query of the tile sees: 0 .. offset + q0 + rows_here − 1.
+  const int kv_end = max(0, min(len_k, offset + q0 + rows_here));
+  const int n_blocks = (kv_end + kBlockN - 1) / kBlockN;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+
+  const bf16* const q_base = p.q + static_cast<int64_t>(q_bos + q0) * p.q_token_stride +
+                             static_cast<int64_t>(h) * p.q_head_stride;
+  const bf16* const k_base = p.k + static_cast<int64_t>(k_bos) * p.k_token_stride +
+                             static_cast<int64_t>(h) * p.k_head_stride;
+  const bf16* const v_base = p.v + static_cast<int64_t>(k_bos) * p.v_token_stride +
+                             static_cast<int64_t>(h) * p.v_head_stride;
+
+  LoadRows<kBlockM, C::kDqk, C::kQkStride>(qs, q_base, p.q_token_stride, rows_here, tid);
+  if (n_blocks > 0) {
+    const int valid = min(kBlockN, kv_end);
+    LoadRows<kBlockN, C::kDqk, C::kQkStride>(ks, k_base, p.k_token_stride, valid, tid);
+    LoadRows<kBlockN, C::kDv, C::kVStride>(vs, v_base, p.v_token_stride, valid, tid);
+  }
+  CpAsyncCommit();
+
+  const float scale_log2 = p.scale * kLog2e;
+  // Local query rows of this lane and the last key each may see.
+  const int row_lo = q0 + warp * 16 + g, row_hi = row_lo + 8;
+  const int last_lo = offset + row_lo, last_hi = offset + row_hi;
+  const int warp_first_last = offset + q0 + warp * 16;  // last key of the warp's first row
+  const int warp_last_last = warp_first_last + 15;      // ... of its last row
+
+  uint32_t qa[C::kK16][4];
+  float o[C::kNTilesO][4];
+#pragma unroll
+  for (int i = 0; i < C::kNTilesO; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};
+  float l_run[2] = {0.f, 0.f};
+
+  for (int j = 0; j < n_blocks; ++j) {
+    CpAsyncWait<0>();  // block j (and, at j = 0, Q) has landed for this thread
+    __syncthreads();   // ... for every thread; block j − 1's buffers are free
+    if (j == 0) {
+#pragma unroll
+      for (int kk = 0; kk < C::kK16; ++kk) {
+        Ldsm4(qa[kk], ARowMajorAddr(qs, C::kQkStride, warp * 16, kk * 16, lane));
+      }
+    }
+    if (j + 1 < n_blocks) {
+      const int buf = (j + 1) & 1;
+      const int key0 = (j + 1) * kBlockN;
+      const int valid = min(kBlockN, kv_end - key0);
+      LoadRows<kBlockN, C::kDqk, C::kQkStride>(
+          ks + buf * C::kKElems, k_base + key0 * p.k_token_stride, p.k_token_stride, valid, tid);
+      LoadRows<kBlockN, C::kDv, C::kVStride>(
+          vs + buf * C::kVElems, v_base + key0 * p.v_token_stride, p.v_token_stride, valid, tid);
+    }
+    CpAsyncCommit();
+
+    const int key0 = j * kBlockN;
+    if (key0 > warp_last_last) continue;  // above the diagonal for all 16 rows of this warp
+    const bf16* const kt = ks + (j & 1) * C::kKElems;
+    const bf16* const vt = vs + (j & 1) * C::kVElems;
+
+    // S = Q·Kᵀ for 16 rows × 64 keys.
+    float s[C::kNTilesS][4];
+#pragma unroll
+    for (int i = 0; i < C::kNTilesS; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < C::kK16; ++kk) {
+#pragma unroll
+      for (int np = 0; np < C::kNTilesS / 2; ++np) {
+        uint32_t b[4];
+        Ldsm4(b, BNMajorAddr(kt, C::kQkStride, kk * 16, np * 16, lane));
+        MmaBf16(s[2 * np], qa[kk], b[0], b[1]);
+        MmaBf16(s[2 * np + 1], qa[kk], b[2], b[3]);
+      }
+    }
+
+    // Scale into the exp2 domain; mask keys past each row's position (only on blocks that
+    // reach past the warp's first row).
+    const bool masked = key0 + kBlockN - 1 > warp_first_last;
+#pragma unroll
+    for (int i = 0; i < C::kNTilesS; ++i) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = key0 + i * 8 + 2 * t + e;
+        s[i][e] *= scale_log2;
+        s[i][2 + e] *= scale_log2;
+        if (masked) {
+          if (key > last_lo) s[i][e] = -INFINITY;
+          if (key > last_hi) s[i][2 + e] = -INFINITY;
+        }
+      }
+    }
+
+    // Online softmax, rows g (r = 0) and g + 8 (r = 1).
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < C::kNTilesS; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+      mx = WarpMaxXor(mx, 4);
+      const float m_new = fmaxf(m_run[r], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+      const float alpha = exp2f(m_run[r] - m_use);
+      m_run[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < C::kNTilesS; ++i) {
+        s[i][2 * r] = exp2f(s[i][2 * r] - m_use);
+        s[i][2 * r + 1] = exp2f(s[i][2 * r + 1] - m_use);
+        sum += s[i][2 * r] + s[i][2 * r + 1];
+      }
+      l_run[r] = l_run[r] * alpha + sum;  // per-lane partial; reduced over the row at the end
+#pragma unroll
+      for (int i = 0; i < C::kNTilesO; ++i) {
+        o[i][2 * r] *= alpha;
+        o[i][2 * r + 1] *= alpha;
+      }
+    }
+
+    // O += P·V: the S accumulators of n8 tiles 2kk, 2kk + 1 are the A fragment of step kk.
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint32_t pa[4] = {PackBf16x2(s[2 * kk][0], s[2 * kk][1]),
+                              PackBf16x2(s[2 * kk][2], s[2 * kk][3]),
+                              PackBf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              PackBf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int np = 0; np < C::kNTilesO / 2; ++np) {
+        uint32_t b[4];
+        Ldsm4T(b, BKMajorAddr(vt, C::kVStride, kk * 16, np * 16, lane));
+        MmaBf16(o[2 * np], pa, b[0], b[1]);
+        MmaBf16(o[2 * np + 1], pa, b[2], b[3]);
+      }
+    }
+  }
+  CpAsyncWait<0>();
+
+  // Normalize and store the valid rows.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = WarpSumXor(l_run[r], 4);
+    const float inv = l > 0.f ? 1.f / l : 0.f;  // 0: a query that sees no key
+    const int row = r == 0 ? row_lo : row_hi;
+    if (row >= len_q) continue;
+    bf16* const dst =
+        p.out + (static_cast<int64_t>(q_bos + row) * p.num_heads + h) * C::kDv + 2 * t;
+#pragma unroll
+    for (int i = 0; i < C::kNTilesO; ++i) {
+      *reinterpret_cast<uint32_t*>(dst + i * 8) =
+          PackBf16x2(o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
+    }
+  }
+}
+
+bool Aligned(const void* ptr, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+template <class C>
+cudaError_t LaunchPrefill(const MlaPrefillParams& p, int num_q_tiles, int64_t blocks,
+                          cudaStream_t stream) {
+  // The shared-memory limit is raised once per device (bit d), so launches captured into a CUDA
+  // graph after a warm-up make no attribute calls.
+  static std::atomic<uint64_t> configured{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device >= 0 && device < 64 ? (uint64_t{1} << device) : 0;
+  if (bit == 0 || (configured.load(std::memory_order_acquire) & bit) == 0) {
+    err = cudaFuncSetAttribute(MlaPrefillKernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               C::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    configured.fetch_or(bit, std::memory_order_acq_rel);
+  }
+  MlaPrefillKernel<C>
+      <<<static_cast<unsigned>(blocks), kThreads, C::kSmemBytes, stream>>>(p, num_q_tiles);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace mla
+
+cudaError_t LaunchMlaPrefill(const MlaPrefillParams& params, cudaStream_t stream) {
+  using mla::Aligned;
+  const MlaPrefillParams& p = params;
+  const bool model_dims = p.head_dim_qk == 192 && p.head_dim_v == 128;
+  const bool tiny_dims = p.head_dim_qk == 48 && p.head_dim_v == 32;
+  if (!(model_dims || tiny_dims) || p.num_seqs < 1 || p.num_heads < 1 || p.max_seqlen_q < 0 ||
+      p.total_q < 0 || !std::isfinite(p.scale)) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.cu_seqlens_q == nullptr || p.cu_seqlens_k == nullptr) return cudaErrorInvalidValue;
+  if (p.total_q == 0 || p.max_seqlen_q == 0) return cudaSuccess;
+  if (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.out == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (!Aligned(p.q, 16) || !Aligned(p.k, 16) || !Aligned(p.v, 16) || !Aligned(p.out, 16)) {
+    return cudaErrorInvalidValue;
+  }
+  for (const int64_t stride : {p.q_token_stride, p.q_head_stride, p.k_token_stride, p.k_head_stride,
+                               p.v_token_stride, p.v_head_stride}) {
+    if (stride < 0 || stride % 8 != 0) return cudaErrorInvalidValue;
+  }
+  const int num_q_tiles = (p.max_seqlen_q + mla::kBlockM - 1) / mla::kBlockM;
+  const int64_t blocks = static_cast<int64_t>(num_q_tiles) * p.num_seqs * p.num_heads;
+  if (blocks > INT32_MAX) return cudaErrorInvalidValue;
+  return model_dims
+             ? mla::LaunchPrefill<mla::PrefillConfig<192, 128>>(p, num_q_tiles, blocks, stream)
+             : mla::LaunchPrefill<mla::PrefillConfig<48, 32>>(p, num_q_tiles, blocks, stream);
+}
+
+}  // namespace kls::kernels
