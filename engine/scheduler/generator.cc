@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "engine/model/fingerprint.h"
 
 namespace kls::engine {
 namespace {
@@ -24,17 +25,39 @@ bool LogitsAreSamplable(std::span<const float> logits) {
   return any_finite;
 }
 
+namespace {
+
+// The tokenizer of `model_dir`, which must cover exactly the model's vocabulary: every id the
+// model can sample must decode, and every id the tokenizer makes must embed.
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadMatchingTokenizer(const std::string& model_dir,
+                                                                 const ModelConfig& config) {
+  KLS_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::Load(model_dir));
+  if (tokenizer->vocab_size() != config.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        model_dir, ": the tokenizer has ", tokenizer->vocab_size(),
+        " ids (tiktoken.model ranks + 256 special slots) but config.json vocab_size is ",
+        config.vocab_size));
+  }
+  return tokenizer;
+}
+
+}  // namespace
+
 absl::StatusOr<LoadedModel> LoadModel(const std::string& model_dir) {
   LoadedModel model;
   KLS_ASSIGN_OR_RETURN(std::unique_ptr<ModelWeights> weights, LoadModelWeights(model_dir));
-  KLS_ASSIGN_OR_RETURN(model.tokenizer, Tokenizer::Load(model_dir));
-  // Every id the model can sample must decode, and every id the tokenizer makes must embed.
-  if (model.tokenizer->vocab_size() != weights->config.vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        model_dir, ": the tokenizer has ", model.tokenizer->vocab_size(),
-        " ids (tiktoken.model ranks + 256 special slots) but config.json vocab_size is ",
-        weights->config.vocab_size));
-  }
+  KLS_ASSIGN_OR_RETURN(model.tokenizer, LoadMatchingTokenizer(model_dir, weights->config));
+  model.weights = std::move(weights);
+  return model;
+}
+
+absl::StatusOr<LoadedModel> LoadModelWithoutWeights(const std::string& model_dir) {
+  LoadedModel model;
+  auto weights = std::make_unique<ModelWeights>();
+  KLS_ASSIGN_OR_RETURN(weights->config, LoadModelConfig(model_dir));
+  KLS_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint, Checkpoint::Open(model_dir));
+  weights->fingerprint = ComputeModelFingerprint(weights->config, *checkpoint);
+  KLS_ASSIGN_OR_RETURN(model.tokenizer, LoadMatchingTokenizer(model_dir, weights->config));
   model.weights = std::move(weights);
   return model;
 }

@@ -29,6 +29,11 @@ struct LoadedModel {
 // tokenizer's id count equals the config's vocab_size.
 absl::StatusOr<LoadedModel> LoadModel(const std::string& model_dir);
 
+// As LoadModel, but `weights` holds only the config and the fingerprint (no tensors): for a
+// backend that loads the weights itself (the CUDA backend streams them to the GPU). The
+// checkpoint is still opened and its headers validated for the fingerprint.
+absl::StatusOr<LoadedModel> LoadModelWithoutWeights(const std::string& model_dir);
+
 // INVALID_ARGUMENT naming the field unless temperature is finite and >= 0, top_p in (0, 1] and
 // top_k >= 0.
 absl::Status ValidateSamplerConfig(const kernels::SamplerConfig& config);

@@ -214,5 +214,21 @@ TEST(GeneratorTest, NanLogitsAreAnInternalError) {
   EXPECT_TRUE(absl::IsInternal(r.status())) << r.status();
 }
 
+// A GPU worker loads the config, fingerprint and tokenizer only; they equal a full load's.
+TEST(LoadModelTest, WithoutWeightsKeepsConfigFingerprintAndTokenizer) {
+  const std::string dir = ::kls::testing::WriteModel("tiny", 7);
+  absl::StatusOr<LoadedModel> full = LoadModel(dir);
+  absl::StatusOr<LoadedModel> light = LoadModelWithoutWeights(dir);
+  ASSERT_TRUE(full.ok()) << full.status();
+  ASSERT_TRUE(light.ok()) << light.status();
+  EXPECT_EQ(light->weights->fingerprint, full->weights->fingerprint);
+  EXPECT_EQ(light->weights->config.vocab_size, full->weights->config.vocab_size);
+  EXPECT_EQ(light->weights->config.num_hidden_layers, full->weights->config.num_hidden_layers);
+  EXPECT_TRUE(light->weights->embed.empty());
+  EXPECT_TRUE(light->weights->layers.empty());
+  EXPECT_EQ(light->tokenizer->vocab_size(), full->tokenizer->vocab_size());
+  EXPECT_FALSE(LoadModelWithoutWeights(dir + "/missing").ok());
+}
+
 }  // namespace
 }  // namespace kls::engine
