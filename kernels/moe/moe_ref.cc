@@ -1,5 +1,6 @@
-// CPU reference for the Kimi Linear MoE router (KIMI_LINEAR.md §6.2; see kernels/moe/README.md).
-// Scores, selection keys and weights are computed in fp64 and rounded to fp32 once, at the end.
+// CPU references for the Kimi Linear MoE block (KIMI_LINEAR.md §6.2; see kernels/moe/README.md).
+// Router: scores, selection keys and weights are computed in fp64 and rounded to fp32 once, at
+// the end.
 // Preconditions (the caller validates): num_experts >= 1, 1 <= top_k <= num_experts. Outside
 // them nothing is read out of bounds: slots past num_experts get id -1 and weight 0.
 // A NaN logit or bias makes that expert's selection key -inf (never preferred over a number).
@@ -60,5 +61,52 @@ void MoeRouteReference(const float* logits, const float* bias, int64_t num_token
     }
   }
 }
+
+template <typename T>
+void MoeExpertsReference(const T* hidden, int64_t num_tokens, int hidden_size,
+                         int intermediate_size, int num_experts, int top_k,
+                         const int32_t* expert_ids, const float* expert_weights,
+                         const T* const* w_gate, const T* const* w_up, const T* const* w_down,
+                         const T* shared_out, T* out) {
+  if (num_tokens <= 0 || hidden_size <= 0 || intermediate_size <= 0 || top_k <= 0) return;
+  const int64_t d_model = hidden_size, width = intermediate_size;
+  std::vector<double> acc(d_model), act(width);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const T* x = hidden + t * d_model;
+    for (int64_t d = 0; d < d_model; ++d) {
+      acc[d] = shared_out != nullptr ? double(shared_out[t * d_model + d]) : 0.0;
+    }
+    for (int slot = 0; slot < top_k; ++slot) {
+      const int32_t e = expert_ids[t * top_k + slot];
+      if (e < 0 || e >= num_experts) continue;
+      const double weight = expert_weights[t * top_k + slot];
+      const T* gate = w_gate[e];
+      const T* up = w_up[e];
+      const T* down = w_down[e];
+      for (int64_t j = 0; j < width; ++j) {
+        double g = 0.0, u = 0.0;
+        for (int64_t d = 0; d < d_model; ++d) {
+          g += double(x[d]) * double(gate[j * d_model + d]);
+          u += double(x[d]) * double(up[j * d_model + d]);
+        }
+        act[j] = g / (1.0 + std::exp(-g)) * u;
+      }
+      for (int64_t d = 0; d < d_model; ++d) {
+        double y = 0.0;
+        for (int64_t j = 0; j < width; ++j) y += act[j] * double(down[d * width + j]);
+        acc[d] += weight * y;
+      }
+    }
+    for (int64_t d = 0; d < d_model; ++d) out[t * d_model + d] = static_cast<T>(acc[d]);
+  }
+}
+
+template void MoeExpertsReference<float>(const float*, int64_t, int, int, int, int, const int32_t*,
+                                         const float*, const float* const*, const float* const*,
+                                         const float* const*, const float*, float*);
+template void MoeExpertsReference<double>(const double*, int64_t, int, int, int, int,
+                                          const int32_t*, const float*, const double* const*,
+                                          const double* const*, const double* const*, const double*,
+                                          double*);
 
 }  // namespace kls::kernels

@@ -1,5 +1,6 @@
-// CPU reference for the Kimi Linear MoE router (KIMI_LINEAR.md §6.2): sigmoid scores, top-k
-// selection by score + correction bias, renormalization and the routed scaling factor.
+// CPU references for the Kimi Linear MoE block (KIMI_LINEAR.md §6.2): the router (sigmoid
+// scores, top-k selection by score + correction bias, renormalization and the routed scaling
+// factor) and the routed experts' weighted SwiGLU sum.
 #ifndef KLS_KERNELS_MOE_MOE_REF_H_
 #define KLS_KERNELS_MOE_MOE_REF_H_
 
@@ -24,6 +25,25 @@ enum class RouterWeighting {
 void MoeRouteReference(const float* logits, const float* bias, int64_t num_tokens, int num_experts,
                        int top_k, bool renormalize, double routed_scaling_factor,
                        RouterWeighting weighting, int32_t* expert_ids, float* expert_weights);
+
+// The routed experts and the combine, plain loops in fp64 (no intermediate rounding):
+//   out[t] = shared_out[t] + Σ_slot expert_weights[t, slot] · E_{expert_ids[t, slot]}(hidden[t]),
+//   E_e(x) = (silu(x · w_gate[e]ᵀ) ⊙ (x · w_up[e]ᵀ)) · w_down[e]ᵀ,  silu(a) = a / (1 + e^−a).
+// Slots whose id is outside [0, num_experts) contribute nothing. T is float or double.
+//   hidden          [num_tokens, hidden_size]
+//   expert_ids      [num_tokens, top_k]
+//   expert_weights  [num_tokens, top_k] (routed_scaling_factor already applied)
+//   w_gate, w_up    [num_experts] pointers, each to [intermediate_size, hidden_size] (w1, w3)
+//   w_down          [num_experts] pointers, each to [hidden_size, intermediate_size] (w2)
+//                   (PyTorch [out, in] layouts; an expert no slot selects may be nullptr)
+//   shared_out      [num_tokens, hidden_size], or nullptr for none
+//   out             [num_tokens, hidden_size] out; may alias shared_out
+template <typename T>
+void MoeExpertsReference(const T* hidden, int64_t num_tokens, int hidden_size,
+                         int intermediate_size, int num_experts, int top_k,
+                         const int32_t* expert_ids, const float* expert_weights,
+                         const T* const* w_gate, const T* const* w_up, const T* const* w_down,
+                         const T* shared_out, T* out);
 
 }  // namespace kls::kernels
 
