@@ -7,12 +7,26 @@
 #include "kernels/moe/moe_ref.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <numeric>
 #include <vector>
 
 namespace kls::kernels {
+namespace {
+
+// x rounded to fp32, then to the nearest bf16 with ties to even: __float2bfloat16_rn of the
+// fp32 value a kernel holds. NaN stays NaN; overflow gives ±inf, as on the device.
+double RoundToBf16(double x) {
+  const float f = static_cast<float>(x);
+  if (std::isnan(f)) return x;
+  uint32_t bits = std::bit_cast<uint32_t>(f);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<double>(std::bit_cast<float>(bits & 0xFFFF0000u));
+}
+
+}  // namespace
 
 void MoeRouteReference(const float* logits, const float* bias, int64_t num_tokens, int num_experts,
                        int top_k, bool renormalize, double routed_scaling_factor,
@@ -67,9 +81,10 @@ void MoeExpertsReference(const T* hidden, int64_t num_tokens, int hidden_size,
                          int intermediate_size, int num_experts, int top_k,
                          const int32_t* expert_ids, const float* expert_weights,
                          const T* const* w_gate, const T* const* w_up, const T* const* w_down,
-                         const T* shared_out, T* out) {
+                         const T* shared_out, T* out, MoeReferenceRounding rounding) {
   if (num_tokens <= 0 || hidden_size <= 0 || intermediate_size <= 0 || top_k <= 0) return;
   const int64_t d_model = hidden_size, width = intermediate_size;
+  const bool bf16 = rounding == MoeReferenceRounding::kBf16Storage;
   std::vector<double> acc(d_model), act(width);
   for (int64_t t = 0; t < num_tokens; ++t) {
     const T* x = hidden + t * d_model;
@@ -90,10 +105,12 @@ void MoeExpertsReference(const T* hidden, int64_t num_tokens, int hidden_size,
           u += double(x[d]) * double(up[j * d_model + d]);
         }
         act[j] = g / (1.0 + std::exp(-g)) * u;
+        if (bf16) act[j] = RoundToBf16(act[j]);  // the kernels' act buffer
       }
       for (int64_t d = 0; d < d_model; ++d) {
         double y = 0.0;
         for (int64_t j = 0; j < width; ++j) y += act[j] * double(down[d * width + j]);
+        if (bf16) y = RoundToBf16(y);  // the kernels' pair_out row
         acc[d] += weight * y;
       }
     }
@@ -103,10 +120,11 @@ void MoeExpertsReference(const T* hidden, int64_t num_tokens, int hidden_size,
 
 template void MoeExpertsReference<float>(const float*, int64_t, int, int, int, int, const int32_t*,
                                          const float*, const float* const*, const float* const*,
-                                         const float* const*, const float*, float*);
+                                         const float* const*, const float*, float*,
+                                         MoeReferenceRounding);
 template void MoeExpertsReference<double>(const double*, int64_t, int, int, int, int,
                                           const int32_t*, const float*, const double* const*,
                                           const double* const*, const double* const*, const double*,
-                                          double*);
+                                          double*, MoeReferenceRounding);
 
 }  // namespace kls::kernels

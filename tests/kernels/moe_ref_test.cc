@@ -1,5 +1,8 @@
-// Tests for the MoE router reference (KIMI_LINEAR.md §6.2): selection by sigmoid score + bias,
+// Tests for the MoE references (KIMI_LINEAR.md §6.2). Router: selection by sigmoid score + bias,
 // weights from unbiased (vLLM) or biased (HF) scores, tie order, renormalization, scaling.
+// Experts: a hand-computed mixture without rounding, and the bf16 storage roundings of
+// MoeReferenceRounding::kBf16Storage (SwiGLU output and per-pair expert output, ties to even,
+// fp64 combine) by hand and against an independent oracle.
 #include "kernels/moe/moe_ref.h"
 
 #include <gtest/gtest.h>
@@ -20,6 +23,7 @@ using ::kls::testing::AllClose;
 using ::kls::testing::kFp32Tolerance;
 
 double Sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+double Silu(double x) { return x / (1.0 + std::exp(-x)); }
 
 struct Routed {
   std::vector<int32_t> ids;
@@ -159,6 +163,147 @@ TEST(MoeRouteReferenceTest, MatchesFullSortOracleAtModelShape) {
           << "token " << t;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MoeExpertsReference
+// ---------------------------------------------------------------------------------------------
+
+// D = 2, I = 1, two experts, by hand: E_e(x) = silu(x·g_e)·(x·u_e)·down_e.
+TEST(MoeExpertsReferenceTest, HandComputed) {
+  const std::vector<double> hidden = {1.0, 2.0};
+  const std::vector<double> g0 = {0.5, 0.0}, u0 = {1.0, 1.0}, d0 = {1.0, -1.0};
+  const std::vector<double> g1 = {0.0, -1.0}, u1 = {2.0, 0.0}, d1 = {0.5, 2.0};
+  const double* gate[2] = {g0.data(), g1.data()};
+  const double* up[2] = {u0.data(), u1.data()};
+  const double* down[2] = {d0.data(), d1.data()};
+  const std::vector<int32_t> ids = {1, 0, 5};  // the third slot is out of range: skipped
+  const std::vector<float> weights = {0.25f, 2.0f, 100.0f};
+  const std::vector<double> shared = {10.0, 20.0};
+  std::vector<double> out(2);
+  MoeExpertsReference<double>(hidden.data(), 1, 2, 1, 2, 3, ids.data(), weights.data(), gate, up,
+                              down, shared.data(), out.data());
+  const double a0 = Silu(0.5) * 3.0;   // expert 0: gate 0.5, up 3
+  const double a1 = Silu(-2.0) * 2.0;  // expert 1: gate −2, up 2
+  const std::vector<double> want = {10.0 + 0.25 * a1 * 0.5 + 2.0 * a0 * 1.0,
+                                    20.0 + 0.25 * a1 * 2.0 + 2.0 * a0 * -1.0};
+  EXPECT_TRUE(AllClose(out, want, 1e-12, 1e-12));
+}
+
+// One expert, D = 2, I = 2, hidden (1, 0). Gates of 64 make silu exact in fp64 (1 + e^−64 == 1),
+// so the SwiGLU outputs are 64·up exactly: 64.25 and 64.75, both bf16 ties (spacing 0.5 at
+// 64), which round to even: 64 and 65. With down rows (1, −1) and (1, 2^−9):
+//                      y0                 y1
+//   no rounding        −0.5               64.25 + 64.75/512 = 64.37646484375
+//   act only           64 − 65 = −1       64 + 65/512      = 64.126953125
+//   act and pair_out   −1                 64 (64.127 is below the tie 64.25)
+//   pair_out only      −0.5               64.5
+// Every column tells the variants apart, and the combine must not round: shared + 0.3f·y is not
+// a bf16 value. All the expected values are exact in fp64.
+TEST(MoeExpertsReferenceTest, Bf16StorageRoundsSwiGluOutputAndPairOutput) {
+  const std::vector<double> hidden = {1.0, 0.0};
+  const std::vector<double> gate = {64.0, 0.0, 64.0, 0.0};                // [I, D]
+  const std::vector<double> up = {1.0 + 0x1p-8, 0.0, 1.0 + 0x3p-8, 0.0};  // [I, D]
+  const std::vector<double> down = {1.0, -1.0, 1.0, 0x1p-9};              // [D, I]
+  const double* g[1] = {gate.data()};
+  const double* u[1] = {up.data()};
+  const double* d[1] = {down.data()};
+  const std::vector<int32_t> ids = {0};
+  const std::vector<float> weights = {0.3f};
+  const double w = 0.3f;
+  const std::vector<double> shared = {10.0, 20.0};
+  auto run = [&](MoeReferenceRounding rounding) {
+    std::vector<double> out(2);
+    MoeExpertsReference<double>(hidden.data(), 1, 2, 2, 1, 1, ids.data(), weights.data(), g, u, d,
+                                shared.data(), out.data(), rounding);
+    return out;
+  };
+  EXPECT_EQ(run(MoeReferenceRounding::kBf16Storage),
+            (std::vector<double>{10.0 + w * -1.0, 20.0 + w * 64.0}));
+  EXPECT_EQ(run(MoeReferenceRounding::kNone),
+            (std::vector<double>{10.0 + w * -0.5, 20.0 + w * 64.37646484375}));
+
+  // The same with T = float: the roundings do not depend on T.
+  const std::vector<float> hidden_f(hidden.begin(), hidden.end()), gate_f(gate.begin(), gate.end()),
+      up_f(up.begin(), up.end()), down_f(down.begin(), down.end());
+  const float* gf[1] = {gate_f.data()};
+  const float* uf[1] = {up_f.data()};
+  const float* df[1] = {down_f.data()};
+  std::vector<float> out_f(2);
+  MoeExpertsReference<float>(hidden_f.data(), 1, 2, 2, 1, 1, ids.data(), weights.data(), gf, uf, df,
+                             nullptr, out_f.data(), MoeReferenceRounding::kBf16Storage);
+  EXPECT_EQ(out_f,
+            (std::vector<float>{static_cast<float>(w * -1.0), static_cast<float>(w * 64.0)}));
+}
+
+// Round to 8 significant bits, ties to even, by frexp/ldexp (independent of the bit trick in
+// moe_ref.cc); finite normal values only.
+double Bf16Oracle(double x) {
+  int exponent = 0;
+  const double mantissa = std::frexp(static_cast<double>(static_cast<float>(x)), &exponent);
+  return std::ldexp(std::nearbyint(std::ldexp(mantissa, 8)), exponent - 8);
+}
+
+// Random small shape, repeated and invalid ids, shared output: kBf16Storage equals a direct
+// loop that rounds the SwiGLU output and each pair's output, and differs from kNone.
+TEST(MoeExpertsReferenceTest, Bf16StorageMatchesIndependentOracle) {
+  constexpr int kD = 24, kI = 16, kE = 3, kK = 2;
+  constexpr int64_t kT = 5;
+  std::mt19937_64 rng(7);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  auto random = [&](size_t n, double scale) {
+    std::vector<double> v(n);
+    for (double& x : v) x = Bf16Oracle(scale * normal(rng));
+    return v;
+  };
+  const std::vector<double> hidden = random(kT * kD, 1.0), shared = random(kT * kD, 0.5);
+  std::vector<std::vector<double>> gate, up, down;
+  std::vector<const double*> g, u, d;
+  for (int e = 0; e < kE; ++e) {
+    gate.push_back(random(kI * kD, 0.3));
+    up.push_back(random(kI * kD, 0.3));
+    down.push_back(random(kD * kI, 0.3));
+  }
+  for (int e = 0; e < kE; ++e) {
+    g.push_back(gate[e].data());
+    u.push_back(up[e].data());
+    d.push_back(down[e].data());
+  }
+  const std::vector<int32_t> ids = {0, 2, 1, 1, 2, -1, kE, 0, 2, 0};
+  const std::vector<float> weights = {0.7f, 1.3f, 0.4f, 0.9f, 2.1f, 5.0f, 5.0f, 1.1f, 0.6f, 0.2f};
+
+  std::vector<double> want = shared;
+  for (int64_t t = 0; t < kT; ++t) {
+    for (int s = 0; s < kK; ++s) {
+      const int32_t e = ids[t * kK + s];
+      if (e < 0 || e >= kE) continue;
+      std::vector<double> act(kI);
+      for (int j = 0; j < kI; ++j) {
+        double a = 0.0, b = 0.0;
+        for (int k = 0; k < kD; ++k) {
+          a += hidden[t * kD + k] * gate[e][j * kD + k];
+          b += hidden[t * kD + k] * up[e][j * kD + k];
+        }
+        act[j] = Bf16Oracle(Silu(a) * b);
+      }
+      for (int k = 0; k < kD; ++k) {
+        double y = 0.0;
+        for (int j = 0; j < kI; ++j) y += act[j] * down[e][k * kI + j];
+        want[t * kD + k] += double{weights[t * kK + s]} * Bf16Oracle(y);
+      }
+    }
+  }
+  std::vector<double> rounded(kT * kD), exact(kT * kD);
+  MoeExpertsReference<double>(hidden.data(), kT, kD, kI, kE, kK, ids.data(), weights.data(),
+                              g.data(), u.data(), d.data(), shared.data(), rounded.data(),
+                              MoeReferenceRounding::kBf16Storage);
+  MoeExpertsReference<double>(hidden.data(), kT, kD, kI, kE, kK, ids.data(), weights.data(),
+                              g.data(), u.data(), d.data(), shared.data(), exact.data());
+  // Same operations in the same order, apart from exp: agreement to a few fp64 ulps.
+  EXPECT_TRUE(AllClose(rounded, want, 1e-12, 1e-12));
+  // The roundings are visible (bf16 steps of ~2^-8 relative), and the default is unrounded.
+  EXPECT_FALSE(AllClose(rounded, exact, 1e-6, 0.0));
+  EXPECT_TRUE(AllClose(exact, want, 0.05, 0.0));
 }
 
 }  // namespace
