@@ -37,6 +37,24 @@ absl::StatusOr<Markers> LookUpMarkers(const Tokenizer& tokenizer) {
   return m;
 }
 
+struct ToolMarkers {
+  int32_t section_begin;
+  int32_t section_end;
+  int32_t call_begin;
+  int32_t argument_begin;
+  int32_t call_end;
+};
+
+absl::StatusOr<ToolMarkers> LookUpToolMarkers(const Tokenizer& tokenizer) {
+  ToolMarkers t;
+  KLS_ASSIGN_OR_RETURN(t.section_begin, RequireSpecial(tokenizer, "<|tool_calls_section_begin|>"));
+  KLS_ASSIGN_OR_RETURN(t.section_end, RequireSpecial(tokenizer, "<|tool_calls_section_end|>"));
+  KLS_ASSIGN_OR_RETURN(t.call_begin, RequireSpecial(tokenizer, "<|tool_call_begin|>"));
+  KLS_ASSIGN_OR_RETURN(t.argument_begin, RequireSpecial(tokenizer, "<|tool_call_argument_begin|>"));
+  KLS_ASSIGN_OR_RETURN(t.call_end, RequireSpecial(tokenizer, "<|tool_call_end|>"));
+  return t;
+}
+
 // Encodes plain text onto *out; errors name the message and field.
 absl::Status AppendText(const Tokenizer& tokenizer, std::string_view text, size_t index,
                         const char* field, std::vector<int32_t>* out) {
@@ -81,6 +99,22 @@ absl::StatusOr<std::vector<int32_t>> RenderChat(const Tokenizer& tokenizer,
     KLS_RETURN_IF_ERROR(AppendText(tokenizer, header, i, "role/name", &ids));
     ids.push_back(m.im_middle);
     KLS_RETURN_IF_ERROR(AppendText(tokenizer, msg.content, i, "content", &ids));
+    if (!msg.tool_calls.empty()) {
+      if (msg.role != "assistant") {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "message ", i, ": only assistant messages carry tool calls, not '", msg.role, "'"));
+      }
+      KLS_ASSIGN_OR_RETURN(const ToolMarkers t, LookUpToolMarkers(tokenizer));
+      ids.push_back(t.section_begin);
+      for (const ChatToolCall& call : msg.tool_calls) {
+        ids.push_back(t.call_begin);
+        KLS_RETURN_IF_ERROR(AppendText(tokenizer, call.id, i, "tool call id", &ids));
+        ids.push_back(t.argument_begin);
+        KLS_RETURN_IF_ERROR(AppendText(tokenizer, call.arguments, i, "tool call arguments", &ids));
+        ids.push_back(t.call_end);
+      }
+      ids.push_back(t.section_end);
+    }
     ids.push_back(m.im_end);
   }
   if (add_generation_prompt) {

@@ -82,6 +82,9 @@ class RouterService final : public kls::v1::Sessions::CallbackService {
   // The session -> worker affinity map (entries keyed by services::PlacementKey).
   AffinityMap& affinity() { return affinity_; }
 
+  // The API keys callers are checked against; null when the router is open.
+  const ApiKeys* api_keys() const { return api_keys_.get(); }
+
  private:
   // The caller's tenant: kDefaultTenant without keys; else from "authorization: Bearer <key>"
   // (UNAUTHENTICATED on a missing or unknown key).

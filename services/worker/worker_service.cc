@@ -20,6 +20,9 @@ namespace {
 constexpr int kMaxStopStrings = 16;
 constexpr size_t kMaxStopStringBytes = 256;
 constexpr size_t kMaxRequestIdBytes = 256;
+constexpr int kMaxMetadataEntries = 64;
+constexpr size_t kMaxMetadataKeyBytes = 256;
+constexpr size_t kMaxMetadataValueBytes = 4096;
 
 std::string TenantOf(const std::string& tenant) { return tenant.empty() ? "default" : tenant; }
 
@@ -181,7 +184,16 @@ absl::StatusOr<TurnParams> ValidateGenerateRequest(const kls::v1::WorkerGenerate
         return absl::InvalidArgumentError(absl::StrCat(
             "messages[", i, "].content is not valid UTF-8 (first bad byte at offset ", bad, ")"));
       }
-      messages.push_back({m.role(), m.content(), m.name()});
+      engine::ChatMessage message{m.role(), m.content(), m.name()};
+      for (int j = 0; j < m.tool_calls_size(); ++j) {
+        const kls::v1::ToolCall& call = m.tool_calls(j);
+        if (!IsValidUtf8(call.id()) || !IsValidUtf8(call.arguments())) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("messages[", i, "].tool_calls[", j, "] is not valid UTF-8"));
+        }
+        message.tool_calls.push_back({call.id(), call.arguments()});
+      }
+      messages.push_back(std::move(message));
     }
     KLS_ASSIGN_OR_RETURN(p.input, engine::RenderChat(tokenizer, messages,
                                                      /*add_generation_prompt=*/true));
@@ -250,6 +262,22 @@ absl::StatusOr<TurnParams> ValidateGenerateRequest(const kls::v1::WorkerGenerate
       p.stop_token_ids.push_back(*im_end);
     }
   }
+
+  if (request.metadata_size() > kMaxMetadataEntries) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "at most ", kMaxMetadataEntries, " metadata entries, got ", request.metadata_size()));
+  }
+  for (const auto& [key, value] : request.metadata()) {
+    if (key.empty() || key.size() > kMaxMetadataKeyBytes || !IsValidUtf8(key) ||
+        value.size() > kMaxMetadataValueBytes || !IsValidUtf8(value)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "metadata key '", key.substr(0, 64), "': keys must be 1..", kMaxMetadataKeyBytes,
+          " bytes and values at most ", kMaxMetadataValueBytes, " bytes of valid UTF-8"));
+    }
+    p.metadata.emplace_back(key, value);
+  }
+  p.special_tokens_in_text = request.special_tokens_in_text();
+  if (request.has_expected_version()) p.expected_version = request.expected_version();
 
   switch (request.commit()) {
     case kls::v1::COMMIT_POLICY_UNSPECIFIED:

@@ -75,7 +75,8 @@ expect_error "truncated weights" 1 "model.safetensors" -- "$kls" generate --mode
 # The served path: kls serve, then kls chat (piped) and kls sessions against it.
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 addr=127.0.0.1:$port
-"$kls" serve --model "$model" --data-dir "$work/data" --listen "$addr" 2>"$work/serve.log" &
+"$kls" serve --model "$model" --data-dir "$work/data" --listen "$addr" --http-listen 127.0.0.1:0 \
+  2>"$work/serve.log" &
 serve_pid=$!
 ready=0
 for _ in $(seq 1 300); do

@@ -89,6 +89,44 @@ TEST(ChatFormatTest, RendersConversationExactly) {
             "<|im_system|>tool<|im_middle|>done<|im_end|><|im_assistant|>assistant<|im_middle|>");
 }
 
+// The K2 template's tool calls: markers are special ids, ids and arguments plain text; the tool
+// declaration is a "tool_declare" system block.
+TEST(ChatFormatTest, RendersToolDeclarationAndToolCalls) {
+  auto tok = MakeByteTokenizer();
+  ASSERT_NE(tok, nullptr);
+  ChatMessage call{"assistant", "Let me check.", ""};
+  call.tool_calls = {{"functions.get_weather:0", "{\"city\":\"Paris\"}"},
+                     {"functions.get_time:1", "{}"}};
+  const std::vector<ChatMessage> messages = {
+      {"tool", "[{\"type\":\"function\"}]", "tool_declare"},
+      {"user", "weather?", ""},
+      call,
+      {"tool", "## Return of functions.get_weather:0\nsunny", ""},
+  };
+  auto ids = RenderChat(*tok, messages, /*add_generation_prompt=*/false);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(*tok->Decode(*ids),
+            "<|im_system|>tool_declare<|im_middle|>[{\"type\":\"function\"}]<|im_end|>"
+            "<|im_user|>user<|im_middle|>weather?<|im_end|>"
+            "<|im_assistant|>assistant<|im_middle|>Let me check.<|tool_calls_section_begin|>"
+            "<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+            "{\"city\":\"Paris\"}<|tool_call_end|>"
+            "<|tool_call_begin|>functions.get_time:1<|tool_call_argument_begin|>{}"
+            "<|tool_call_end|><|tool_calls_section_end|><|im_end|>"
+            "<|im_system|>tool<|im_middle|>## Return of functions.get_weather:0\nsunny<|im_end|>");
+  // 3 markers per message, 2 for the section and 3 per call.
+  int specials = 0;
+  for (const int32_t id : *ids) specials += tok->IsSpecial(id) ? 1 : 0;
+  EXPECT_EQ(specials, 4 * 3 + 2 + 2 * 3);
+
+  ChatMessage user_with_calls{"user", "x", ""};
+  user_with_calls.tool_calls = {{"functions.f:0", "{}"}};
+  auto bad = RenderChat(*tok, std::vector<ChatMessage>{user_with_calls}, false);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad.status().message(), HasSubstr("message 0: only assistant"));
+}
+
 TEST(ChatFormatTest, EmptyConversationIsJustThePrompt) {
   auto tok = MakeByteTokenizer();
   ASSERT_NE(tok, nullptr);

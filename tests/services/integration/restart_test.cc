@@ -122,7 +122,7 @@ class ServeProcess {
       : dir_(ScratchDir()),
         address_("127.0.0.1:" + std::to_string(FreePort())),
         args_({KlsBinary(), "serve", "--model", TinyModelDir(), "--data-dir", dir_ + "/data",
-               "--listen", address_}) {}
+               "--listen", address_, "--http-listen", "127.0.0.1:0"}) {}
 
   // Starts it and waits for SERVING; the returned client talks to it.
   std::unique_ptr<kls::v1::Sessions::Stub> Start() {
