@@ -1,9 +1,12 @@
 # Project-wide compile settings and helpers.
 
-# Warnings for every kls target (host and device code). -Wno-restrict on nvcc's host pass: g++ 12
-# at -O3 reports a false -Wrestrict inside std::string (GCC bug 105329).
+# Warnings for every kls target (host and device code). -Wno-restrict: g++ 12 at -O3 (Release)
+# reports a false -Wrestrict inside std::string (GCC bug 105329).
 function(kls_target_defaults target)
   set(warn -Wall -Wextra)
+  if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+    list(APPEND warn -Wno-restrict)
+  endif()
   if(KLS_WERROR)
     list(APPEND warn -Werror)
   endif()

@@ -3,10 +3,17 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "engine/backend/cpu/cpu_backend.h"
+#include "engine/model/make_model.h"
 #include "engine/scheduler/generator.h"
 #include "services/cli/commands.h"
+
+#if KLS_HAVE_CUDA_BACKEND
+#include "engine/backend/cuda/model_bench.h"
+#endif
 
 namespace kls::cli {
 namespace {
@@ -17,7 +24,79 @@ struct BenchFlags {
   int prompt_tokens = 128;
   int decode_tokens = 256;
   int repeats = 3;
+  // gpu
+  std::string preset;
+  uint64_t seed = 1;
+  std::string variants = "kimi-linear";
+  std::string ttft = "4096,32768,131072";
+  std::string batches = "1,8,32,64";
+  std::string contexts = "4096,131072,524288,1048576";
+  int decode_steps = 20;
+  int prefill_chunk = 8192;
+  std::string out;
 };
+
+// Parses "a,b,c" into positive integers; false on anything else.
+template <typename T>
+bool ParseList(const std::string& text, std::vector<T>* out) {
+  out->clear();
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+    T value = 0;
+    if (!absl::SimpleAtoi(part, &value) || value <= 0) return false;
+    out->push_back(value);
+  }
+  return !out->empty();
+}
+
+// The whole model on the GPU (engine/backend/cuda/model_bench.h).
+int RunGpuBench(const BenchFlags& flags) {
+#if KLS_HAVE_CUDA_BACKEND
+  engine::cuda::ModelBenchOptions o;
+  if (flags.model.empty() == flags.preset.empty()) {
+    std::fprintf(stderr, "kls bench gpu: give exactly one of --model and --preset\n");
+    return 2;
+  }
+  o.model_dir = flags.model;
+  if (!flags.preset.empty()) {
+    absl::StatusOr<engine::ModelConfig> config = engine::PresetConfig(flags.preset);
+    if (!config.ok()) {
+      std::fprintf(stderr, "kls bench gpu: %s\n", config.status().ToString().c_str());
+      return 2;
+    }
+    o.config = *config;
+  }
+  o.seed = flags.seed;
+  o.variants = absl::StrSplit(flags.variants, ',', absl::SkipEmpty());
+  o.decode_steps = flags.decode_steps;
+  o.prefill_chunk = flags.prefill_chunk;
+  if (!ParseList(flags.ttft, &o.ttft_tokens) || !ParseList(flags.batches, &o.decode_batches) ||
+      !ParseList(flags.contexts, &o.decode_contexts)) {
+    std::fprintf(stderr,
+                 "kls bench gpu: --ttft, --batches and --contexts take positive integers "
+                 "separated by commas\n");
+    return 2;
+  }
+  std::FILE* json = stdout;
+  if (!flags.out.empty()) {
+    json = std::fopen(flags.out.c_str(), "a");
+    if (json == nullptr) {
+      std::fprintf(stderr, "kls bench gpu: cannot append to %s\n", flags.out.c_str());
+      return 1;
+    }
+  }
+  const absl::Status s = engine::cuda::RunModelBench(o, json);
+  if (json != stdout) std::fclose(json);
+  if (!s.ok()) {
+    std::fprintf(stderr, "kls bench gpu: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  return 0;
+#else
+  (void)flags;
+  std::fprintf(stderr, "kls bench gpu: this build has no CUDA backend (configure with CUDA)\n");
+  return 1;
+#endif
+}
 
 // Decode and prefill throughput of the CPU backend on one session (single thread), greedy,
 // stop tokens ignored so every run decodes exactly decode_tokens. Prints one JSON line per
@@ -88,16 +167,44 @@ int RunCpuDecode(const BenchFlags& flags) {
 std::function<int()> AddBenchCommand(CLI::App& app) {
   auto flags = std::make_shared<BenchFlags>();
   CLI::App* cmd = app.add_subcommand("bench", "Benchmarks (JSON lines on stdout)");
-  cmd->add_option("mode", flags->mode, "What to measure: cpu-decode")
+  cmd->add_option("mode", flags->mode,
+                  "What to measure: cpu-decode (CPU backend, one session) or gpu (the whole "
+                  "model on one GPU: TTFT, decode TPOT by batch and context, bytes floor)")
       ->required()
-      ->check(CLI::IsMember({"cpu-decode"}));
-  cmd->add_option("--model", flags->model, "Model directory")->required();
+      ->check(CLI::IsMember({"cpu-decode", "gpu"}));
+  cmd->add_option("--model", flags->model, "Model directory");
+  cmd->add_option("--preset", flags->preset,
+                  "gpu: a preset config with seeded random weights made on the GPU "
+                  "(tiny, mid, kimi-linear-48b)");
+  cmd->add_option("--seed", flags->seed, "gpu: random weights' seed");
+  cmd->add_option("--variants", flags->variants,
+                  "gpu: kimi-linear and/or all-mla (every layer MLA), comma-separated")
+      ->capture_default_str();
+  cmd->add_option("--ttft", flags->ttft, "gpu: prompt lengths for time to first token")
+      ->capture_default_str();
+  cmd->add_option("--batches", flags->batches, "gpu: decode batch sizes")->capture_default_str();
+  cmd->add_option("--contexts", flags->contexts,
+                  "gpu: decode context lengths (cache filled "
+                  "with random rows, not prefilled)")
+      ->capture_default_str();
+  cmd->add_option("--decode-steps", flags->decode_steps, "gpu: timed decode steps per case")
+      ->check(CLI::Range(1, 100000));
+  cmd->add_option("--prefill-chunk", flags->prefill_chunk, "gpu: tokens per prefill step")
+      ->check(CLI::Range(16, 1 << 20));
+  cmd->add_option("--out", flags->out, "gpu: append the JSON lines to this file");
   cmd->add_option("--prompt-tokens", flags->prompt_tokens, "Prompt length")
       ->check(CLI::PositiveNumber);
   cmd->add_option("--decode-tokens", flags->decode_tokens, "Tokens to decode per run")
       ->check(CLI::Range(2, 1 << 20));
   cmd->add_option("--repeats", flags->repeats, "Runs")->check(CLI::PositiveNumber);
-  return [flags]() -> int { return RunCpuDecode(*flags); };
+  return [flags]() -> int {
+    if (flags->mode == "gpu") return RunGpuBench(*flags);
+    if (flags->model.empty()) {
+      std::fprintf(stderr, "kls bench cpu-decode: --model is required\n");
+      return 2;
+    }
+    return RunCpuDecode(*flags);
+  };
 }
 
 }  // namespace kls::cli
