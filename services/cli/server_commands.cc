@@ -14,14 +14,19 @@
 #include <system_error>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "common/logging.h"
+#include "common/status_macros.h"
 #include "services/cli/commands.h"
+#include "services/common/metrics_exporter.h"
+#include "services/router/http_api.h"
 #include "services/router/router.h"
 #include "services/store/rocksdb_shard.h"
 #include "services/store/store_service.h"
 #include "services/worker/worker.h"
+#include "services/worker/worker_metrics.h"
 
 namespace kls::cli {
 namespace {
@@ -91,6 +96,10 @@ struct WorkerFlags {
   int max_tokens_limit = 8192;
   double drain_timeout_s = 60;
   double gc_interval_s = 300;
+  std::string backend = "auto";  // auto | cpu | cuda
+  int cuda_device = 0;
+  int gpu_max_sessions = 64;
+  std::string metrics_listen;  // IP:PORT of the Prometheus /metrics endpoint; empty: off
 };
 
 void AddWorkerFlags(CLI::App* cmd, WorkerFlags* f, bool with_store) {
@@ -113,9 +122,36 @@ void AddWorkerFlags(CLI::App* cmd, WorkerFlags* f, bool with_store) {
       ->capture_default_str();
   cmd->add_option("--gc-interval", f->gc_interval_s, "Seconds between store garbage collections")
       ->capture_default_str();
+  cmd->add_option("--backend", f->backend,
+                  "Compute backend: cpu, cuda (a CUDA build on a GPU), or auto (cuda when a GPU "
+                  "is visible, else cpu)")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->capture_default_str();
+  cmd->add_option("--cuda-device", f->cuda_device, "GPU ordinal for the cuda backend")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--gpu-max-sessions", f->gpu_max_sessions,
+                  "cuda: sessions held on the GPU at once (KDA state slots: two per session)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--metrics-listen", f->metrics_listen,
+                  "Prometheus /metrics on IP:PORT (e.g. 0.0.0.0:9090); empty: off");
 }
 
 absl::StatusOr<std::unique_ptr<worker::Worker>> MakeWorker(const WorkerFlags& f) {
+  // Flags that need no model are checked before the (slow) model load.
+  if (f.backend == "cuda" && !engine::CudaBackendUsable()) {
+    return absl::FailedPreconditionError(
+        engine::CudaBackendBuilt()
+            ? "--backend cuda: no CUDA device is visible; use --backend cpu"
+            : "--backend cuda: this build has no CUDA backend (build where the CUDA toolkit is "
+              "installed); use --backend cpu");
+  }
+  if (!f.metrics_listen.empty()) {
+    if (absl::Status valid = services::ValidateMetricsAddress(f.metrics_listen); !valid.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--metrics-listen: ", valid.message()));
+    }
+  }
   worker::WorkerOptions options;
   options.model_dir = f.model;
   options.data_dir = f.data_dir;
@@ -125,7 +161,44 @@ absl::StatusOr<std::unique_ptr<worker::Worker>> MakeWorker(const WorkerFlags& f)
   options.engine.max_running_turns = f.max_running_turns;
   options.engine.max_tokens_limit = f.max_tokens_limit;
   options.gc_interval = absl::Seconds(f.gc_interval_s);
+  options.backend.kind = f.backend;
+  options.backend.cuda_device = f.cuda_device;
+  options.backend.cuda_max_sessions = f.gpu_max_sessions;
   return worker::Worker::Create(options);
+}
+
+// The worker's Prometheus endpoint (see worker_metrics.h) when --metrics-listen is set, else
+// null. UNAVAILABLE if it cannot listen. The exporter must be destroyed before the worker.
+absl::StatusOr<std::unique_ptr<services::MetricsExporter>> StartWorkerMetrics(
+    const WorkerFlags& f, worker::Worker* worker, const char* role) {
+  if (f.metrics_listen.empty()) return nullptr;
+  KLS_ASSIGN_OR_RETURN(std::unique_ptr<services::MetricsExporter> exporter,
+                       services::MetricsExporter::Start(
+                           f.metrics_listen, worker::WorkerMetricsCollector(&worker->engine())));
+  std::fprintf(stderr, "kls %s: metrics on %s, port %d (GET /metrics)\n", role,
+               f.metrics_listen.c_str(), exporter->port());
+  return exporter;
+}
+
+// The OpenAI-compatible HTTP API on `listen` (empty: off, null), talking to the router's own
+// Sessions service on `server` through an in-process channel.
+absl::StatusOr<std::unique_ptr<router::HttpApi>> StartHttpApi(
+    const std::string& listen, const std::string& model_name, grpc::Server* server,
+    router::Router* router, absl::Duration stop_grace, const char* role) {
+  if (listen.empty()) return nullptr;
+  router::HttpApiOptions options;
+  options.listen = listen;
+  options.model_name = model_name;
+  options.stop_grace = stop_grace;
+  options.ready = [router] { return router->WaitForReady(absl::ZeroDuration()).ok(); };
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(64 << 20);
+  KLS_ASSIGN_OR_RETURN(std::unique_ptr<router::HttpApi> http,
+                       router::HttpApi::Start(options, server->InProcessChannel(args),
+                                              router->sessions().api_keys()));
+  std::fprintf(stderr, "kls %s: OpenAI-compatible HTTP API on %s, port %d (model \"%s\")\n", role,
+               listen.c_str(), http->port(), model_name.c_str());
+  return http;
 }
 
 // Drains the worker (if any), then stops the servers. Exit code 0 unless the drain timed out.
@@ -154,15 +227,26 @@ std::function<int()> AddServeCommand(CLI::App& app) {
   auto flags = std::make_shared<WorkerFlags>();
   auto listen = std::make_shared<std::string>("127.0.0.1:50051");
   auto api_keys = std::make_shared<std::string>();
+  auto http_listen = std::make_shared<std::string>("127.0.0.1:8080");
+  auto model_name = std::make_shared<std::string>();
   AddWorkerFlags(cmd, flags.get(), /*with_store=*/false);
   cmd->add_option("--listen", *listen, "gRPC address of kls.v1.Sessions")->capture_default_str();
   cmd->add_option("--api-keys", *api_keys, "File of \"<key> <tenant>\" lines; none: open");
-  return [flags, listen, api_keys]() -> int {
+  cmd->add_option("--http-listen", *http_listen,
+                  "OpenAI-compatible HTTP API on HOST:PORT; empty: off")
+      ->capture_default_str();
+  cmd->add_option("--served-model-name", *model_name,
+                  "Model name of the HTTP API (default: the --model directory's name)");
+  return [flags, listen, api_keys, http_listen, model_name]() -> int {
     BlockTerminationSignals();
     absl::StatusOr<std::unique_ptr<worker::Worker>> worker = MakeWorker(*flags);
     if (!worker.ok()) {
       return Fail(worker.status(), 1);
     }
+    // Declared after the worker, so destroyed before it.
+    absl::StatusOr<std::unique_ptr<services::MetricsExporter>> metrics =
+        StartWorkerMetrics(*flags, worker->get(), "serve");
+    if (!metrics.ok()) return Fail(metrics.status(), 1);
     // The worker is reached through an in-process channel: no port, no TCP.
     int unused = 0;
     std::unique_ptr<grpc::Server> worker_server = BuildServer("", {(*worker)->service()}, &unused);
@@ -185,10 +269,21 @@ std::function<int()> AddServeCommand(CLI::App& app) {
                    std::string(ready.message()).c_str());
       return 1;
     }
+    const std::string served_name =
+        !model_name->empty()
+            ? *model_name
+            : std::filesystem::path(flags->model).lexically_normal().filename().string();
+    absl::StatusOr<std::unique_ptr<router::HttpApi>> http =
+        StartHttpApi(*http_listen, served_name.empty() ? "kls" : served_name, server.get(),
+                     router->get(), absl::Seconds(flags->drain_timeout_s), "serve");
+    if (!http.ok()) return Fail(http.status(), 1);
     std::fprintf(stderr, "kls serve: listening on %s (model %s, data %s)\n", listen->c_str(),
                  flags->model.c_str(), flags->data_dir.c_str());
     const int signal = WaitForSignal();
     KLS_LOG(INFO) << "signal " << signal << ": draining";
+    // HTTP first: no new requests; its running turns finish (or are cancelled after the drain
+    // timeout) while the worker still serves them.
+    if (*http != nullptr) (*http)->Stop();
     const int code = Shutdown(worker->get(), flags->drain_timeout_s, {server.get()});
     (*router)->Shutdown();
     worker_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
@@ -208,6 +303,10 @@ std::function<int()> AddWorkerCommand(CLI::App& app) {
     if (!worker.ok()) {
       return Fail(worker.status(), 1);
     }
+    // Declared after the worker, so destroyed before it.
+    absl::StatusOr<std::unique_ptr<services::MetricsExporter>> metrics =
+        StartWorkerMetrics(*flags, worker->get(), "worker");
+    if (!metrics.ok()) return Fail(metrics.status(), 1);
     int port = 0;
     std::unique_ptr<grpc::Server> server = BuildServer(*listen, {(*worker)->service()}, &port);
     if (server == nullptr) return 1;
@@ -227,7 +326,13 @@ std::function<int()> AddRouterCommand(CLI::App& app) {
   cmd->add_option("--workers", *workers, "Workers: HOST:PORT,... or dns:///NAME:PORT (re-resolved)")
       ->required();
   cmd->add_option("--api-keys", *api_keys, "File of \"<key> <tenant>\" lines; none: open");
-  return [listen, workers, api_keys]() -> int {
+  auto http_listen = std::make_shared<std::string>();
+  auto model_name = std::make_shared<std::string>("kls");
+  cmd->add_option("--http-listen", *http_listen,
+                  "OpenAI-compatible HTTP API on HOST:PORT; empty (default): off");
+  cmd->add_option("--served-model-name", *model_name, "Model name of the HTTP API")
+      ->capture_default_str();
+  return [listen, workers, api_keys, http_listen, model_name]() -> int {
     BlockTerminationSignals();
     router::RouterOptions options;
     options.workers = SplitList(*workers);
@@ -239,8 +344,12 @@ std::function<int()> AddRouterCommand(CLI::App& app) {
     int port = 0;
     std::unique_ptr<grpc::Server> server = BuildServer(*listen, {(*router)->service()}, &port);
     if (server == nullptr) return 1;
+    absl::StatusOr<std::unique_ptr<router::HttpApi>> http = StartHttpApi(
+        *http_listen, *model_name, server.get(), router->get(), absl::Seconds(10), "router");
+    if (!http.ok()) return Fail(http.status(), 1);
     std::fprintf(stderr, "kls router: listening on %s\n", listen->c_str());
     WaitForSignal();
+    if (*http != nullptr) (*http)->Stop();
     const int code = Shutdown(nullptr, 0, {server.get()});
     (*router)->Shutdown();
     return code;

@@ -264,12 +264,30 @@ class Engine::Impl {
             }
           }
           kls::v1::Session view = SessionView(record);
-          if (!request.include_history()) return done(std::move(view));
+          if (!request.include_history() && !request.include_turns()) {
+            return done(std::move(view));
+          }
+          std::vector<kls::v1::TurnRecord> turns;
+          if (request.include_turns()) {
+            turns.assign(record.recent_turns().begin(), record.recent_turns().end());
+          }
           // Decoding a long history is not the engine thread's work.
           io_.Schedule([this, view = std::move(view), tokens = std::move(tokens),
+                        turns = std::move(turns), history = request.include_history(),
                         done = std::move(done)]() mutable {
-            view.mutable_history_tokens()->Assign(tokens.begin(), tokens.end());
-            view.set_history_text(DecodeForDisplay(tokens));
+            if (history) {
+              view.mutable_history_tokens()->Assign(tokens.begin(), tokens.end());
+              view.set_history_text(DecodeForDisplay(tokens));
+            }
+            for (const kls::v1::TurnRecord& turn : turns) {
+              kls::v1::TurnResult* result = view.add_recent_turns();
+              result->set_request_id(turn.request_id());
+              result->set_version(turn.version());
+              result->set_text(TurnText(turn));
+              result->set_finish_reason(static_cast<kls::v1::FinishReason>(turn.finish_reason()));
+              result->set_prompt_tokens(turn.prompt_tokens());
+              result->set_completion_tokens(turn.token_ids_size());
+            }
             done(std::move(view));
           });
         });
@@ -409,6 +427,23 @@ class Engine::Impl {
   // split character) become U+FFFD, so the text always fits a proto string field.
   std::string DecodeForDisplay(const std::vector<int32_t>& ids) const {
     engine::StreamingDecoder decoder(tokenizer(), /*skip_special=*/false);
+    std::string text;
+    for (int32_t id : ids) {
+      absl::StatusOr<std::string> piece = decoder.Push(id);
+      if (piece.ok()) text += *piece;
+    }
+    return text + decoder.Flush();
+  }
+
+  // The text a recorded turn streamed: special tokens per its request, a final special stop
+  // token dropped (Emit gives it no text).
+  std::string TurnText(const kls::v1::TurnRecord& done) const {
+    std::vector<int32_t> ids(done.token_ids().begin(), done.token_ids().end());
+    if (done.finish_reason() == kls::v1::FINISH_REASON_STOP && !ids.empty() &&
+        tokenizer().IsSpecial(ids.back())) {
+      ids.pop_back();
+    }
+    engine::StreamingDecoder decoder(tokenizer(), !done.special_tokens_in_text());
     std::string text;
     for (int32_t id : ids) {
       absl::StatusOr<std::string> piece = decoder.Push(id);
@@ -680,6 +715,11 @@ class Engine::Impl {
     if (draining_) {
       return turn->sink->OnDone(absl::UnavailableError("worker is draining; turn not started"), {});
     }
+    if (!backend_failure_.ok()) {
+      return turn->sink->OnDone(absl::UnavailableError(absl::StrCat("worker's backend failed: ",
+                                                                    backend_failure_.message())),
+                                {});
+    }
     if (busy_.contains(turn->key)) {
       return turn->sink->OnDone(Busy(turn->params.session_id), {});
     }
@@ -711,6 +751,12 @@ class Engine::Impl {
         if (done.request_id() == p.request_id) return Replay(std::move(turn), done);
       }
     }
+    if (p.expected_version.has_value() && *p.expected_version != session->record.version()) {
+      return FailTurn(std::move(turn),
+                      absl::AbortedError(absl::StrCat(
+                          "session ", p.session_id, " is at version ", session->record.version(),
+                          ", not the expected version ", *p.expected_version)));
+    }
     const uint64_t fed = session->record.num_fed_tokens();
     turn->prompt.assign(session->history.begin() + fed, session->history.end());
     turn->prompt.insert(turn->prompt.end(), p.input.begin(), p.input.end());
@@ -732,14 +778,14 @@ class Engine::Impl {
     turn->history_checkpoint = session->history.size();
     turn->record_checkpoint = session->record;
     turn->base_checkpoint = session->base;
-    turn->decoder = std::make_unique<engine::StreamingDecoder>(tokenizer(), true);
+    turn->decoder = std::make_unique<engine::StreamingDecoder>(
+        tokenizer(), /*skip_special=*/!p.special_tokens_in_text);
     waiting_.push_back(std::move(turn));
   }
 
   void Replay(std::unique_ptr<ActiveTurn> turn, const kls::v1::TurnRecord& done) {
     std::vector<int32_t> ids(done.token_ids().begin(), done.token_ids().end());
-    absl::StatusOr<std::string> text = tokenizer().Decode(ids, /*skip_special=*/true);
-    turn->sink->OnTokens(ids, text.ok() ? *text : std::string());
+    turn->sink->OnTokens(ids, TurnText(done));
     kls::v1::GenerateResponse final;
     final.set_session_id(turn->params.session_id);
     final.set_finish_reason(static_cast<kls::v1::FinishReason>(done.finish_reason()));
@@ -821,7 +867,19 @@ class Engine::Impl {
     const absl::Status status = backend_->Forward(batch, logits_);
     if (!status.ok()) {
       KLS_LOG(ERROR) << "forward pass failed for " << batch.size() << " sequences: " << status;
-      for (ActiveTurn* owner : owners) Abort(owner, status);
+      // A sticky device error ends this worker's service: every turn fails over to another.
+      const absl::Status health = backend_->healthy();
+      const bool fatal = !health.ok() && backend_failure_.ok();
+      if (fatal) backend_failure_ = health;
+      const absl::Status reason =
+          fatal
+              ? absl::UnavailableError(absl::StrCat("worker's backend failed: ", health.message()))
+              : status;
+      for (ActiveTurn* owner : owners) Abort(owner, reason);
+      if (fatal) {
+        while (!active_.empty()) Abort(active_.front().get(), reason);
+        if (options_.on_backend_failure) options_.on_backend_failure(health);
+      }
       return;
     }
     std::vector<ActiveTurn*> finished;
@@ -850,9 +908,15 @@ class Engine::Impl {
   // Streams the token and its text; returns true when the turn is finished.
   bool Emit(ActiveTurn& turn, int32_t token) {
     const TurnParams& p = turn.params;
-    absl::StatusOr<std::string> piece = turn.decoder->Push(token);
+    const bool stop_token = std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), token) !=
+                            p.stop_token_ids.end();
     const size_t search_from = turn.text.size();
-    if (piece.ok()) turn.text += *piece;
+    // A special stop token (e.g. <|im_end|>) ends the turn without text, even when special
+    // tokens are spelled out.
+    if (!(stop_token && tokenizer().IsSpecial(token))) {
+      absl::StatusOr<std::string> piece = turn.decoder->Push(token);
+      if (piece.ok()) turn.text += *piece;
+    }
     size_t send_end = turn.text.size();
     bool stop_string = false;
     if (!p.stop_strings.empty()) {
@@ -875,8 +939,6 @@ class Engine::Impl {
       turn.text_sent = send_end;
     }
     turn.sink->OnTokens(std::span<const int32_t>(&token, 1), std::move(text));
-    const bool stop_token = std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), token) !=
-                            p.stop_token_ids.end();
     if (stop_token || stop_string) {
       turn.finish = kls::v1::FINISH_REASON_STOP;
     } else if (static_cast<int>(turn.generated.size()) >= p.max_tokens ||
@@ -915,6 +977,13 @@ class Engine::Impl {
     r.set_num_history_tokens(s.history.size());
     r.set_update_time_ms(NowMs());
     r.add_version_history_tokens(s.history.size());
+    for (const auto& [key, value] : p.metadata) {
+      if (value.empty()) {
+        r.mutable_metadata()->erase(key);
+      } else {
+        (*r.mutable_metadata())[key] = value;
+      }
+    }
     if (!p.request_id.empty()) {
       kls::v1::TurnRecord* done = r.add_recent_turns();
       done->set_request_id(p.request_id);
@@ -923,6 +992,7 @@ class Engine::Impl {
       done->set_finish_reason(turn->finish);
       done->set_prompt_tokens(turn->prompt.size());
       done->set_seed(p.sampler.seed);
+      done->set_special_tokens_in_text(p.special_tokens_in_text);
       const int excess = r.recent_turns_size() - options_.recent_turns;
       if (excess > 0) r.mutable_recent_turns()->DeleteSubrange(0, excess);
     }
@@ -1253,6 +1323,7 @@ class Engine::Impl {
   std::vector<std::unique_ptr<ActiveTurn>> active_;
   std::vector<float> logits_;
   bool draining_ = false;
+  absl::Status backend_failure_;  // set once the backend fails for good
   uint64_t generations_ = 0;
   size_t preparing_ = 0;  // turns reading their record or restoring
 

@@ -21,8 +21,10 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/functional/any_invocable.h"
@@ -46,6 +48,9 @@ struct EngineOptions {
   int retained_versions = 3;                    // older state versions kept in the store
   int recent_turns = 16;                        // request_id results remembered per session
   int io_threads = 2;                           // store reads (restores, records)
+  // Called once, from the engine thread, when the backend fails for good (a sticky GPU error,
+  // ARCHITECTURE.md §8); the worker then reports NOT_SERVING. Turns are refused afterwards.
+  std::function<void(const absl::Status&)> on_backend_failure;
 };
 
 // A validated turn (built on a gRPC thread by the service).
@@ -60,6 +65,10 @@ struct TurnParams {
   std::vector<std::string> stop_strings;
   kls::v1::CommitPolicy commit = kls::v1::COMMIT_POLICY_SYNC;
   absl::Time enqueue_time;
+  // Merged into the record's metadata at commit (an empty value removes the key).
+  std::vector<std::pair<std::string, std::string>> metadata;
+  bool special_tokens_in_text = false;       // decode special tokens (but not the stop token)
+  std::optional<uint64_t> expected_version;  // ABORTED when the session is at another version
 };
 
 // Receives one turn's output. Called from the engine thread (tokens) and the engine or commit

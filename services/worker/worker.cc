@@ -40,12 +40,19 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& opti
   KLS_ASSIGN_OR_RETURN(worker->store_,
                        store::SessionStore::Create(std::move(shards), store_options));
 
-  KLS_ASSIGN_OR_RETURN(engine::LoadedModel loaded, engine::LoadModel(options.model_dir));
-  auto model = std::make_shared<engine::LoadedModel>(std::move(loaded));
-  KLS_ASSIGN_OR_RETURN(std::unique_ptr<engine::CpuBackend> backend,
-                       engine::CpuBackend::Create(model->weights, options.cpu));
-  KLS_ASSIGN_OR_RETURN(worker->engine_, Engine::Create(options.engine, std::move(model),
-                                                       std::move(backend), worker->store_.get()));
+  KLS_ASSIGN_OR_RETURN(engine::ModelAndBackend loaded,
+                       engine::LoadModelAndBackend(options.model_dir, options.backend));
+  KLS_LOG(INFO) << "worker: model " << options.model_dir << " on the " << loaded.backend->name()
+                << " backend";
+  EngineOptions engine_options = options.engine;
+  engine_options.on_backend_failure = [w = worker.get()](const absl::Status& status) {
+    KLS_LOG(ERROR) << "worker: the backend failed for good (" << status
+                   << "); reporting NOT_SERVING so the router moves sessions elsewhere";
+    w->SetServing(false);
+  };
+  KLS_ASSIGN_OR_RETURN(worker->engine_,
+                       Engine::Create(engine_options, std::move(loaded.model),
+                                      std::move(loaded.backend), worker->store_.get()));
   worker->service_ = std::make_unique<WorkerService>(worker->engine_.get());
   if (options.gc_interval > absl::ZeroDuration()) {
     worker->gc_thread_ =
@@ -63,17 +70,19 @@ Worker::~Worker() {
 }
 
 void Worker::AttachHealth(grpc::HealthCheckServiceInterface* health) {
-  health_ = health;
-  if (health_ == nullptr) return;
-  health_->SetServingStatus("", true);
-  health_->SetServingStatus("kls.v1.Worker", true);
+  health_.store(health);
+  SetServing(true);
+}
+
+void Worker::SetServing(bool serving) {
+  grpc::HealthCheckServiceInterface* health = health_.load();
+  if (health == nullptr) return;
+  health->SetServingStatus("", serving);
+  health->SetServingStatus("kls.v1.Worker", serving);
 }
 
 absl::Status Worker::Drain(absl::Duration timeout) {
-  if (health_ != nullptr) {
-    health_->SetServingStatus("", false);
-    health_->SetServingStatus("kls.v1.Worker", false);
-  }
+  SetServing(false);
   KLS_LOG(INFO) << "draining: finishing running turns and writing back hot sessions";
   return engine_->Drain(timeout);
 }

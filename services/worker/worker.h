@@ -6,6 +6,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <thread>
@@ -14,17 +15,24 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
-#include "engine/backend/cpu/cpu_backend.h"
+#include "engine/backend/factory.h"
 #include "services/store/session_store.h"
 #include "services/worker/engine.h"
 #include "services/worker/worker_service.h"
 
 namespace kls::worker {
 
+inline engine::BackendChoice CpuBackendChoice() {
+  engine::BackendChoice choice;
+  choice.kind = "cpu";
+  return choice;
+}
+
 struct WorkerOptions {
   std::string model_dir;
   EngineOptions engine;
-  engine::CpuBackendOptions cpu;
+  // The compute backend; "cpu" unless told otherwise (the CLI's default is "auto").
+  engine::BackendChoice backend = CpuBackendChoice();
   // The store: remote shards ("host:port" of `kls store` processes) when given, else one
   // embedded RocksDB under data_dir/store.
   std::vector<std::string> store_targets;
@@ -61,7 +69,10 @@ class Worker {
   std::unique_ptr<store::SessionStore> store_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<WorkerService> service_;
-  grpc::HealthCheckServiceInterface* health_ = nullptr;
+  // Sets the health status of service "" and "kls.v1.Worker" (no-op before AttachHealth).
+  void SetServing(bool serving);
+
+  std::atomic<grpc::HealthCheckServiceInterface*> health_{nullptr};
   absl::Notification stop_gc_;
   std::thread gc_thread_;
 };
