@@ -125,6 +125,7 @@ struct CudaBackend::Impl {
   std::map<int, int> eager_steps;
   std::set<int> graph_failed;
   absl::Status sticky = absl::OkStatus();
+  int64_t last_step_tokens = 0;  // tokens of the last successful Forward
 
   cudaStream_t s() const { return stream.get(); }
   // The CUDA device is per host thread: the engine thread that calls the backend selects it.
@@ -322,7 +323,8 @@ absl::Status CudaBackend::Impl::Init() {
     KLS_RETURN_IF_ERROR(alloc(kda_ws, static_cast<int64_t>(kda_ws_bytes), "KDA workspace"));
   }
   if (num_mla > 0) {
-    for (int64_t n = 1; n <= nm; n = n < nm ? std::min(n * 2, nm) : nm + 1) {
+    // The split count is not monotone in the batch size: size for every one.
+    for (int64_t n = 1; n <= nm; ++n) {
       kernels::MlaDecodeParams mp;
       mp.num_seqs = static_cast<int>(n);
       mp.num_heads = nh;
@@ -347,8 +349,9 @@ absl::Status CudaBackend::Impl::Init() {
   const size_t meta_bytes = MetaLayout(biggest).total * 4;
   KLS_RETURN_IF_ERROR(alloc(meta_dev, static_cast<int64_t>(meta_bytes), "step metadata"));
   KLS_ASSIGN_OR_RETURN(meta_host, PinnedMemory::Allocate(meta_bytes, "step metadata"));
+  // Logits, then the device-side gather error flag (read with them, after each step).
   KLS_ASSIGN_OR_RETURN(logits_host,
-                       PinnedMemory::Allocate(static_cast<size_t>(nm * v * 4), "logits"));
+                       PinnedMemory::Allocate(static_cast<size_t>(nm * v * 4) + 16, "logits"));
 
   // State memory: what is left.
   kda_slot_elems = int64_t{h} * k * k;
@@ -400,7 +403,12 @@ CudaBackend::~CudaBackend() {
 }
 
 const ModelConfig& CudaBackend::config() const { return impl_->c; }
-absl::Status CudaBackend::healthy() const { return impl_->sticky; }
+absl::Status CudaBackend::healthy() const {
+  if (impl_->sticky.ok() && cuda::IsStickyCudaError(cudaPeekAtLastError())) {
+    return CudaStatus(cudaPeekAtLastError(), "the GPU is in an unrecoverable state");
+  }
+  return impl_->sticky;
+}
 int32_t CudaBackend::num_slots() const { return impl_->plan.num_slots; }
 int32_t CudaBackend::num_pages() const { return impl_->plan.num_pages; }
 int32_t CudaBackend::free_slots() const { return impl_->slots->num_free(); }
@@ -481,7 +489,7 @@ absl::Status CudaBackend::Impl::EnsureScratchRows(int64_t need) {
 
 absl::StatusOr<std::unique_ptr<BackendState>> CudaBackend::NewState() {
   KLS_RETURN_IF_ERROR(impl_->sticky);
-  KLS_RETURN_IF_ERROR(impl_->UseDevice());
+  KLS_RETURN_IF_ERROR(impl_->Fail(impl_->UseDevice()));
   std::optional<int32_t> slot = impl_->slots->Acquire();
   if (!slot.has_value()) {
     return absl::ResourceExhaustedError(
@@ -494,7 +502,7 @@ absl::StatusOr<std::unique_ptr<BackendState>> CudaBackend::NewState() {
 
 absl::StatusOr<std::unique_ptr<BackendState>> CudaBackend::CloneState(const BackendState& state) {
   KLS_RETURN_IF_ERROR(impl_->sticky);
-  KLS_RETURN_IF_ERROR(impl_->UseDevice());
+  KLS_RETURN_IF_ERROR(impl_->Fail(impl_->UseDevice()));
   if (state.owner() != this) return absl::InvalidArgumentError("clone: a state of another backend");
   const auto& source = static_cast<const CudaState&>(state);
   std::optional<int32_t> slot = impl_->slots->Acquire();
@@ -511,7 +519,7 @@ absl::StatusOr<std::unique_ptr<BackendState>> CudaBackend::CloneState(const Back
 absl::StatusOr<std::unique_ptr<StateCheckpoint>> CudaBackend::Checkpoint(
     const BackendState& state) {
   KLS_RETURN_IF_ERROR(impl_->sticky);
-  KLS_RETURN_IF_ERROR(impl_->UseDevice());
+  KLS_RETURN_IF_ERROR(impl_->Fail(impl_->UseDevice()));
   if (state.owner() != this) {
     return absl::InvalidArgumentError("checkpoint: a state of another backend");
   }
@@ -529,7 +537,7 @@ absl::StatusOr<std::unique_ptr<StateCheckpoint>> CudaBackend::Checkpoint(
 
 absl::Status CudaBackend::Rollback(const StateCheckpoint& checkpoint, BackendState* state) {
   KLS_RETURN_IF_ERROR(impl_->sticky);
-  KLS_RETURN_IF_ERROR(impl_->UseDevice());
+  KLS_RETURN_IF_ERROR(impl_->Fail(impl_->UseDevice()));
   const auto& cp = static_cast<const CudaCheckpoint&>(checkpoint);
   if (state == nullptr || state->owner() != this || cp.of != state ||
       state->num_tokens() < cp.tokens) {
@@ -543,7 +551,7 @@ absl::Status CudaBackend::Rollback(const StateCheckpoint& checkpoint, BackendSta
 
 absl::StatusOr<std::unique_ptr<BackendState>> CudaBackend::ImportState(SessionState host) {
   KLS_RETURN_IF_ERROR(impl_->sticky);
-  KLS_RETURN_IF_ERROR(impl_->UseDevice());
+  KLS_RETURN_IF_ERROR(impl_->Fail(impl_->UseDevice()));
   Impl& m = *impl_;
   if (!host.MatchesConfig(m.c) || host.mla_first_row() != 0) {
     return absl::InvalidArgumentError(
@@ -616,7 +624,7 @@ absl::StatusOr<std::unique_ptr<BackendState>> CudaBackend::ImportState(SessionSt
 absl::Status CudaBackend::ExportState(const BackendState& state, int64_t mla_first_row,
                                       SessionState* host) {
   KLS_RETURN_IF_ERROR(impl_->sticky);
-  KLS_RETURN_IF_ERROR(impl_->UseDevice());
+  KLS_RETURN_IF_ERROR(impl_->Fail(impl_->UseDevice()));
   Impl& m = *impl_;
   if (state.owner() != this)
     return absl::InvalidArgumentError("export: a state of another backend");
@@ -679,7 +687,7 @@ absl::Status CudaBackend::ExportState(const BackendState& state, int64_t mla_fir
 
 absl::Status CudaBackend::FillStateMemoryRandom(uint64_t seed) {
   Impl& m = *impl_;
-  KLS_RETURN_IF_ERROR(m.UseDevice());
+  KLS_RETURN_IF_ERROR(m.Fail(m.UseDevice()));
   const int64_t kda = int64_t{m.num_kda} * m.plan.num_slots * m.kda_slot_elems;
   const int64_t conv = int64_t{m.num_kda} * m.plan.num_slots * m.conv_slot_elems;
   const int64_t cache = int64_t{m.num_mla} * m.plan.num_pages * m.page_elems;
@@ -707,6 +715,17 @@ absl::Status CudaBackend::ExtendContext(BackendState* state, int64_t tokens) {
         absl::StrCat("extend: ", impl_->pages->num_free(), " free cache pages are too few"));
   }
   return impl_->Fail(impl_->CopyPages(copies));
+}
+
+absl::StatusOr<int> CudaBackend::LastMoeLayerDistinctExperts() {
+  Impl& m = *impl_;
+  if (m.experts == 0 || m.last_step_tokens == 0) return 0;
+  std::vector<int32_t> ids(static_cast<size_t>(m.last_step_tokens) * m.top_k);
+  KLS_RETURN_IF_ERROR(m.Fail(
+      CudaStatus(cudaMemcpy(ids.data(), m.expert_ids.get(), ids.size() * 4, cudaMemcpyDeviceToHost),
+                 "reading expert ids")));
+  std::sort(ids.begin(), ids.end());
+  return static_cast<int>(std::unique(ids.begin(), ids.end()) - ids.begin());
 }
 
 absl::Status CudaBackend::Synchronize() {
@@ -996,7 +1015,7 @@ absl::Status CudaBackend::Impl::RunStep(const StepPlan& p, bool decode_only) {
 
 absl::Status CudaBackend::Forward(std::span<const SequenceInput> batch, std::span<float> logits) {
   KLS_RETURN_IF_ERROR(impl_->sticky);
-  KLS_RETURN_IF_ERROR(impl_->UseDevice());
+  KLS_RETURN_IF_ERROR(impl_->Fail(impl_->UseDevice()));
   Impl& m = *impl_;
   const ModelConfig& c = m.c;
   // ---- Validation: nothing changes before it passes.
@@ -1139,15 +1158,30 @@ absl::Status CudaBackend::Forward(std::span<const SequenceInput> batch, std::spa
                         static_cast<size_t>(p.n) * c.vocab_size * 4, cudaMemcpyDeviceToHost, m.s()),
         "downloading logits");
   }
+  int32_t* const flag_host =
+      reinterpret_cast<int32_t*>(m.logits_host.as<char>() + m.logits_host.bytes() - 16);
+  if (status.ok()) {
+    status =
+        CudaStatus(cudaMemcpyAsync(flag_host, m.error_flag.get(), 4, cudaMemcpyDeviceToHost, m.s()),
+                   "downloading the gather flag");
+  }
   if (status.ok()) status = CudaStatus(cudaStreamSynchronize(m.s()), "forward");
   if (!status.ok()) {
-    // The states of the batch are unspecified now; keep their page tables consistent.
+    // Let whatever was enqueued finish before the metadata buffer or the pages are reused; the
+    // states of the batch are unspecified now, but their page tables stay consistent.
+    (void)cudaStreamSynchronize(m.s());
     for (int i = 0; i < p.n; ++i) {
       m.pages->Truncate(static_cast<CudaState&>(*batch[order[i]].state).pages, old_tokens[i]);
     }
     return m.Fail(status);
   }
+  m.last_step_tokens = p.t;
   const float* rows_out = m.logits_host.as<float>();
+  // Ids were validated above, so the gathers' device-side range flag can only be set by a bug.
+  if (*flag_host != 0) {
+    (void)cudaMemset(m.error_flag.get(), 0, 4);
+    return absl::InternalError("forward: a gather index was out of range on the device");
+  }
   for (int i = 0; i < p.n; ++i) {
     std::memcpy(logits.data() + static_cast<size_t>(order[i]) * c.vocab_size,
                 rows_out + static_cast<size_t>(i) * c.vocab_size, c.vocab_size * 4);

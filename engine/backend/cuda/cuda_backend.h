@@ -72,6 +72,9 @@ class CudaBackend final : public Backend {
   absl::Status ExtendContext(BackendState* state, int64_t tokens);
   // Waits for the backend's stream (timing).
   absl::Status Synchronize();
+  // Benchmarks only: the number of distinct experts the last MoE layer of the last Forward
+  // routed its tokens to (read back from the device; 0 for a model without MoE layers).
+  absl::StatusOr<int> LastMoeLayerDistinctExperts();
 
   // Capacity, for operators and tests.
   int32_t num_slots() const;

@@ -127,7 +127,7 @@ ModelSizes Sizes(const ModelConfig& c) {
     s.dense_params += mixer + ffn_dense + 2 * d;
     s.active_params += mixer + ffn_active;
   }
-  s.dense_params += 2 * c.vocab_size * d;  // lm_head is read every step (embedding rows: few)
+  s.dense_params += c.vocab_size * d;  // lm_head is read every step (embedding rows: few)
   return s;
 }
 
@@ -288,11 +288,12 @@ absl::Status RunModelBench(const ModelBenchOptions& options, std::FILE* json) {
           continue;
         }
         const double tpot = Median(steps);
-        // Bytes a step must move: weights read once (dense part, lm_head, the experts the
-        // batch touches: E·(1 − (1 − k/E)^B) per MoE layer under uniform routing), each
-        // sequence's KDA state read and written, and each sequence's MLA cache read.
-        const double e = c.num_experts, k = c.num_experts_per_token;
-        const double touched = e > 0 ? e * (1 - std::pow(1 - k / e, batch)) : 0;
+        // Bytes a step must move: weights read once (dense part, lm_head, and the experts the
+        // batch touches — counted in the last MoE layer of the last step and taken for every
+        // MoE layer), each sequence's KDA state read and written, and each sequence's MLA cache
+        // read.
+        KLS_ASSIGN_OR_RETURN(const int touched_experts, backend->LastMoeLayerDistinctExperts());
+        const double touched = touched_experts;
         const double weight_bytes =
             2 * (sizes.dense_params + sizes.moe_layers * touched * sizes.expert_params);
         const double state_bytes =
@@ -303,9 +304,10 @@ absl::Status RunModelBench(const ModelBenchOptions& options, std::FILE* json) {
                      "{\"bench\": \"model\", \"card\": \"%s\", \"variant\": \"%s\", \"case\": "
                      "\"decode\", \"batch\": %d, \"context\": %lld, \"tpot_ms\": %.3f, "
                      "\"tokens_per_s\": %.0f, \"bytes_per_step\": %.4g, \"floor_ms\": %.3f, "
-                     "\"ratio_to_floor\": %.2f, \"graphs\": %d}\n",
+                     "\"ratio_to_floor\": %.2f, \"experts_touched\": %d, \"graphs\": %d}\n",
                      card.c_str(), variant.c_str(), batch, static_cast<long long>(ctx), tpot * 1e3,
-                     batch / tpot, bytes, floor * 1e3, tpot / floor, backend->graphs_captured());
+                     batch / tpot, bytes, floor * 1e3, tpot / floor, touched_experts,
+                     backend->graphs_captured());
         std::fprintf(stderr,
                      "  decode B=%3d ctx %8lld: TPOT %8.3f ms, %8.0f tok/s, %.2f GB/step, %.2f× "
                      "the bytes floor\n",

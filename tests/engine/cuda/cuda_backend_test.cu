@@ -241,6 +241,43 @@ TEST_F(CudaBackendTest, MixedBatchEqualsSeparateSteps) {
   }
 }
 
+// Decode batches of every size up to the step limit run (the MLA decode workspace is sized for
+// each batch size's split count) and each sequence's logits match a step of its own.
+TEST_F(CudaBackendTest, DecodeBatchesOfEverySize) {
+  const LoadedModel& model = ::kls::testing::TinyModel();
+  CudaBackendOptions options;
+  options.max_sessions = 32;  // 64 slots: 32 sessions batched and 32 alone
+  auto gpu = MakeCuda(*model.weights, options);
+  ASSERT_NE(gpu, nullptr);
+  const int vocab = static_cast<int>(model.weights->config.vocab_size);
+  for (int n = 1; n <= 32; n += (n < 4 ? 1 : 7)) {
+    std::vector<std::unique_ptr<BackendState>> together, alone;
+    for (int i = 0; i < n; ++i) {
+      const std::vector<int32_t> prompt = RandomTokens(5 + 13 * i, 40 + i, 256);
+      together.push_back(New(*gpu));
+      alone.push_back(New(*gpu));
+      Feed(*gpu, together.back().get(), prompt);
+      Feed(*gpu, alone.back().get(), prompt);
+      if (HasFatalFailure()) return;
+    }
+    std::vector<int32_t> tokens(n);
+    for (int i = 0; i < n; ++i) tokens[i] = 3 + i;
+    std::vector<SequenceInput> inputs;
+    for (int i = 0; i < n; ++i)
+      inputs.push_back({std::span<const int32_t>(&tokens[i], 1), together[i].get()});
+    std::vector<float> logits(static_cast<size_t>(n) * vocab);
+    const absl::Status s = gpu->Forward(inputs, logits);
+    ASSERT_TRUE(s.ok()) << "batch of " << n << ": " << s;
+    for (int i = 0; i < n; ++i) {
+      const std::vector<float> single = Feed(*gpu, alone[i].get(), {tokens[i]});
+      EXPECT_TRUE(
+          RmsBelow(std::vector<float>(logits.begin() + i * vocab, logits.begin() + (i + 1) * vocab),
+                   single, kLogitsBound))
+          << "batch of " << n << ", sequence " << i;
+    }
+  }
+}
+
 // Decode steps replayed from CUDA graphs give the same bits as eager steps.
 TEST_F(CudaBackendTest, GraphReplayEqualsEagerSteps) {
   const LoadedModel& model = ::kls::testing::TinyModel();
