@@ -15,6 +15,21 @@ unsigned GridFor(int64_t n, int per_thread = 1) {
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 * 16 ? 65535 * 16 : blocks));
 }
 
+// The sum of `value` over the block (kThreads threads), returned to every thread.
+__device__ float BlockSum(float value) {
+  __shared__ float partial[kThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) value += __shfl_xor_sync(0xffffffffu, value, o);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = value;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float s = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (threadIdx.x == 0) partial[0] = s;
+  }
+  __syncthreads();
+  return partial[0];
+}
+
 __global__ void SiluMulKernel(const bf16* __restrict__ gate_up, int64_t rows, int width,
                               bf16* __restrict__ out) {
   const int64_t total = rows * width;
@@ -40,17 +55,7 @@ __global__ void LatentNormPackKernel(const bf16* __restrict__ kv, const bf16* __
     const float x = __bfloat162float(in[i]);
     sum += x * x;
   }
-  __shared__ float partial[kThreads / 32];
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float s = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (threadIdx.x == 0) partial[0] = s;
-  }
-  __syncthreads();
-  const float inv = rsqrtf(partial[0] / static_cast<float>(dc) + eps);
+  const float inv = rsqrtf(BlockSum(sum) / static_cast<float>(dc) + eps);
   for (int i = threadIdx.x; i < width; i += blockDim.x) {
     dst[i] = i < dc ? __float2bfloat16(__bfloat162float(weight[i]) * __bfloat162float(in[i]) * inv)
                     : in[i];
@@ -95,17 +100,7 @@ __global__ void AddRmsNormF32Kernel(const bf16* __restrict__ delta, float* __res
     }
     sum += v * v;
   }
-  __shared__ float partial[kThreads / 32];
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float s = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (threadIdx.x == 0) partial[0] = s;
-  }
-  __syncthreads();
-  const float inv = rsqrtf(partial[0] / static_cast<float>(dim) + eps);
+  const float inv = rsqrtf(BlockSum(sum) / static_cast<float>(dim) + eps);
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
     out[row * dim + i] = __float2bfloat16(__bfloat162float(weight[i]) * (x[i] * inv));
   }

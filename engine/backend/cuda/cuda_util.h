@@ -52,14 +52,16 @@ inline absl::Status CudaStatus(cudaError_t e, absl::string_view what) {
 #define KLS_CUDA_RETURN_IF_ERROR(expr) \
   KLS_RETURN_IF_ERROR(::kls::engine::cuda::CudaStatus((expr), #expr))
 
-// Owns `bytes` of device memory (cudaMalloc; 256-byte aligned).
-class DeviceMemory {
+// Owns `bytes` of memory from a CUDA allocator: DeviceMemory (cudaMalloc, 256-byte aligned) or
+// PinnedMemory (cudaMallocHost, page-locked host memory for asynchronous copies).
+template <cudaError_t (*kAlloc)(void**, size_t), cudaError_t (*kFree)(void*)>
+class CudaMemory {
  public:
-  DeviceMemory() = default;
-  ~DeviceMemory() { Reset(); }
-  DeviceMemory(DeviceMemory&& o) noexcept
+  CudaMemory() = default;
+  ~CudaMemory() { Reset(); }
+  CudaMemory(CudaMemory&& o) noexcept
       : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
-  DeviceMemory& operator=(DeviceMemory&& o) noexcept {
+  CudaMemory& operator=(CudaMemory&& o) noexcept {
     if (this != &o) {
       Reset();
       ptr_ = std::exchange(o.ptr_, nullptr);
@@ -67,14 +69,14 @@ class DeviceMemory {
     }
     return *this;
   }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
+  CudaMemory(const CudaMemory&) = delete;
+  CudaMemory& operator=(const CudaMemory&) = delete;
 
-  // RESOURCE_EXHAUSTED naming `what` and the size when the device is out of memory.
-  static absl::StatusOr<DeviceMemory> Allocate(size_t bytes, absl::string_view what) {
-    DeviceMemory m;
+  // RESOURCE_EXHAUSTED naming `what` and the size when the memory is not there.
+  static absl::StatusOr<CudaMemory> Allocate(size_t bytes, absl::string_view what) {
+    CudaMemory m;
     if (bytes == 0) return m;
-    const cudaError_t e = cudaMalloc(&m.ptr_, bytes);
+    const cudaError_t e = kAlloc(&m.ptr_, bytes);
     if (e != cudaSuccess) {
       m.ptr_ = nullptr;
       (void)cudaGetLastError();  // allocation failures are not sticky; clear them
@@ -85,7 +87,7 @@ class DeviceMemory {
   }
 
   void Reset() {
-    if (ptr_ != nullptr) cudaFree(ptr_);
+    if (ptr_ != nullptr) kFree(ptr_);
     ptr_ = nullptr;
     bytes_ = 0;
   }
@@ -101,51 +103,10 @@ class DeviceMemory {
   size_t bytes_ = 0;
 };
 
-// Owns `bytes` of page-locked host memory (cudaMallocHost), for asynchronous copies.
-class PinnedMemory {
- public:
-  PinnedMemory() = default;
-  ~PinnedMemory() { Reset(); }
-  PinnedMemory(PinnedMemory&& o) noexcept
-      : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
-  PinnedMemory& operator=(PinnedMemory&& o) noexcept {
-    if (this != &o) {
-      Reset();
-      ptr_ = std::exchange(o.ptr_, nullptr);
-      bytes_ = std::exchange(o.bytes_, 0);
-    }
-    return *this;
-  }
-  PinnedMemory(const PinnedMemory&) = delete;
-  PinnedMemory& operator=(const PinnedMemory&) = delete;
-
-  static absl::StatusOr<PinnedMemory> Allocate(size_t bytes, absl::string_view what) {
-    PinnedMemory m;
-    if (bytes == 0) return m;
-    const cudaError_t e = cudaMallocHost(&m.ptr_, bytes);
-    if (e != cudaSuccess) {
-      m.ptr_ = nullptr;
-      (void)cudaGetLastError();
-      return CudaStatus(e, absl::StrCat("allocating ", bytes >> 20, " MiB pinned for ", what));
-    }
-    m.bytes_ = bytes;
-    return m;
-  }
-  void Reset() {
-    if (ptr_ != nullptr) cudaFreeHost(ptr_);
-    ptr_ = nullptr;
-    bytes_ = 0;
-  }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(ptr_);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
+inline cudaError_t CudaMallocDevice(void** ptr, size_t bytes) { return cudaMalloc(ptr, bytes); }
+inline cudaError_t CudaMallocPinned(void** ptr, size_t bytes) { return cudaMallocHost(ptr, bytes); }
+using DeviceMemory = CudaMemory<CudaMallocDevice, cudaFree>;
+using PinnedMemory = CudaMemory<CudaMallocPinned, cudaFreeHost>;
 
 // A non-blocking stream.
 class CudaStream {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -27,29 +28,41 @@ double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_cloc
   return std::chrono::duration<double>(b - a).count();
 }
 
-// Bytes per second of a 1 GiB device-to-device copy (read + written), median of 50 after 10
-// warm-ups, timed with events.
-absl::StatusOr<double> CopyCeiling(cudaStream_t stream) {
-  const size_t bytes = size_t{1} << 30;
-  KLS_ASSIGN_OR_RETURN(DeviceMemory a, DeviceMemory::Allocate(bytes, "copy ceiling"));
-  KLS_ASSIGN_OR_RETURN(DeviceMemory b, DeviceMemory::Allocate(bytes, "copy ceiling"));
+// Median seconds of `run` on `stream` over `timed` calls after `warmup` calls, each timed with
+// CUDA events.
+absl::StatusOr<double> MedianSeconds(cudaStream_t stream, int warmup, int timed,
+                                     const std::function<absl::Status()>& run) {
   cudaEvent_t start, stop;
   KLS_CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
   KLS_CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
   std::vector<double> times;
-  for (int i = 0; i < 60; ++i) {
-    KLS_CUDA_RETURN_IF_ERROR(cudaEventRecord(start, stream));
-    KLS_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, stream));
-    KLS_CUDA_RETURN_IF_ERROR(cudaEventRecord(stop, stream));
-    KLS_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop));
+  absl::Status status = absl::OkStatus();
+  for (int i = 0; i < warmup + timed && status.ok(); ++i) {
+    status = CudaStatus(cudaEventRecord(start, stream), "event");
+    if (status.ok()) status = run();
+    if (status.ok()) status = CudaStatus(cudaEventRecord(stop, stream), "event");
+    if (status.ok()) status = CudaStatus(cudaEventSynchronize(stop), "event");
     float ms = 0;
-    KLS_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start, stop));
-    if (i >= 10) times.push_back(ms * 1e-3);
+    if (status.ok()) status = CudaStatus(cudaEventElapsedTime(&ms, start, stop), "event");
+    if (i >= warmup) times.push_back(ms * 1e-3);
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
-  return 2.0 * static_cast<double>(bytes) / Median(times);
+  KLS_RETURN_IF_ERROR(status);
+  return Median(times);
+}
+
+// Bytes per second of a 1 GiB device-to-device copy (read + written).
+absl::StatusOr<double> CopyCeiling(cudaStream_t stream) {
+  const size_t bytes = size_t{1} << 30;
+  KLS_ASSIGN_OR_RETURN(DeviceMemory a, DeviceMemory::Allocate(bytes, "copy ceiling"));
+  KLS_ASSIGN_OR_RETURN(DeviceMemory b, DeviceMemory::Allocate(bytes, "copy ceiling"));
+  KLS_ASSIGN_OR_RETURN(
+      const double secs, MedianSeconds(stream, 10, 50, [&] {
+        return CudaStatus(
+            cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, stream), "copy");
+      }));
+  return 2.0 * static_cast<double>(bytes) / secs;
 }
 
 // FLOP/s of an 8192³ bf16 GEMM through cuBLASLt (fp32 accumulation).
@@ -64,25 +77,14 @@ absl::StatusOr<double> GemmCeiling(cudaStream_t stream) {
       LaunchRandomFill(w.get(), false, n * n, 2, RandomFill::kNormal, 0, 1, stream));
   kernels::GemmCreateResult made = kernels::CublasLtGemm::Create({});
   if (!made.status.ok()) return absl::InternalError(made.status.message);
-  cudaEvent_t start, stop;
-  KLS_CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
-  KLS_CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
-  std::vector<double> times;
-  for (int i = 0; i < 30; ++i) {
-    KLS_CUDA_RETURN_IF_ERROR(cudaEventRecord(start, stream));
-    const kernels::GemmStatus s =
-        made.gemm->Linear(x.as<bf16>(), n, w.as<bf16>(), y.as<bf16>(), n, n, n, n,
-                          kernels::GemmOutputMode::kOverwrite, stream);
-    if (!s.ok()) return absl::InternalError(s.message);
-    KLS_CUDA_RETURN_IF_ERROR(cudaEventRecord(stop, stream));
-    KLS_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop));
-    float ms = 0;
-    KLS_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start, stop));
-    if (i >= 10) times.push_back(ms * 1e-3);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return 2.0 * n * n * n / Median(times);
+  KLS_ASSIGN_OR_RETURN(const double secs, MedianSeconds(stream, 10, 20, [&]() -> absl::Status {
+                         const kernels::GemmStatus s =
+                             made.gemm->Linear(x.as<bf16>(), n, w.as<bf16>(), y.as<bf16>(), n, n, n,
+                                               n, kernels::GemmOutputMode::kOverwrite, stream);
+                         if (!s.ok()) return absl::InternalError(s.message);
+                         return absl::OkStatus();
+                       }));
+  return 2.0 * n * n * n / secs;
 }
 
 struct ModelSizes {
