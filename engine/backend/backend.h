@@ -72,9 +72,9 @@ class Backend {
   // RESOURCE_EXHAUSTED as for NewState; INVALID_ARGUMENT for a state of another backend.
   virtual absl::StatusOr<std::unique_ptr<BackendState>> CloneState(const BackendState& state) = 0;
 
-  // Takes a host state (a decoded snapshot). INVALID_ARGUMENT unless it matches the model's
+  // Copies a host state (a decoded snapshot) in. INVALID_ARGUMENT unless it matches the model's
   // shapes and holds every MLA row (mla_first_row() == 0); RESOURCE_EXHAUSTED as for NewState.
-  virtual absl::StatusOr<std::unique_ptr<BackendState>> ImportState(SessionState host) = 0;
+  virtual absl::StatusOr<std::unique_ptr<BackendState>> ImportState(const SessionState& host) = 0;
 
   // Writes the host form of `state` into `*host`: every KDA layer's recurrent and conv state,
   // num_tokens, and the MLA cache rows of tokens [mla_first_row, num_tokens) with

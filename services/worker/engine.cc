@@ -225,7 +225,8 @@ class Engine::Impl {
       *r.mutable_metadata() = request.metadata();
       r.add_version_history_tokens(system_tokens.size());
       session->history = std::move(system_tokens);
-      absl::StatusOr<std::unique_ptr<engine::BackendState>> state = backend_->NewState();
+      absl::StatusOr<std::unique_ptr<engine::BackendState>> state =
+          WithRoom([&] { return backend_->NewState(); });
       if (!state.ok()) return done(state.status());
       session->state = *std::move(state);
       CommitNewSession(std::move(session), std::move(done));
@@ -541,6 +542,37 @@ class Engine::Impl {
 
   void Touch(HotSession& session) { lru_.splice(lru_.begin(), lru_, session.lru); }
 
+  // Drops the least recently used hot session that is idle and durable (nothing to write back),
+  // freeing its backend memory. False when there is none.
+  bool EvictOneIdle() {
+    for (auto it = lru_.rbegin(); it != lru_.rend(); ++it) {
+      HotSession* s = *it;
+      if (busy_.contains(s->key) || s->dirty() || !s->durable.has_value() ||
+          s->base->version() != s->durable->version()) {
+        continue;
+      }
+      evictions_.fetch_add(1);
+      Drop(s->key);
+      return true;
+    }
+    return false;
+  }
+
+  // Runs `make` (a backend call) and, while it fails for lack of backend memory (the GPU's state
+  // slots or cache pages, which can run out before the hot budget in bytes does), evicts idle
+  // sessions and tries again. Dirty sessions are written back by the normal eviction first.
+  template <typename F>
+  auto WithRoom(F make) -> decltype(make()) {
+    auto result = make();
+    while (IsResourceExhausted(result) && EvictOneIdle()) result = make();
+    return result;
+  }
+  static bool IsResourceExhausted(const absl::Status& s) { return absl::IsResourceExhausted(s); }
+  template <typename T>
+  static bool IsResourceExhausted(const absl::StatusOr<T>& s) {
+    return absl::IsResourceExhausted(s.status());
+  }
+
   HotSession* Install(std::unique_ptr<HotSession> session) {
     Drop(session->key);
     HotSession* raw = session.get();
@@ -604,7 +636,7 @@ class Engine::Impl {
                 if (!restored.ok()) return then(restored.status(), 0, false);
                 const bool rebuilt = restored->rebuilt;
                 absl::StatusOr<std::unique_ptr<engine::BackendState>> state =
-                    backend_->ImportState(std::move(restored->host_state));
+                    WithRoom([&] { return backend_->ImportState(restored->host_state); });
                 if (!state.ok()) return then(state.status(), 0, false);
                 restored->session->state = *std::move(state);
                 restores_.fetch_add(1);
@@ -771,7 +803,7 @@ class Engine::Impl {
                                            config_.model_max_length, " tokens")));
     }
     absl::StatusOr<std::unique_ptr<engine::StateCheckpoint>> checkpoint =
-        backend_->Checkpoint(*session->state);
+        WithRoom([&] { return backend_->Checkpoint(*session->state); });
     if (!checkpoint.ok()) return FailTurn(std::move(turn), checkpoint.status());
     turn->session = session;
     turn->checkpoint = *std::move(checkpoint);
@@ -864,7 +896,7 @@ class Engine::Impl {
     if (batch.empty()) return;
     const int vocab = config_.vocab_size;
     logits_.resize(batch.size() * static_cast<size_t>(vocab));
-    const absl::Status status = backend_->Forward(batch, logits_);
+    const absl::Status status = WithRoom([&] { return backend_->Forward(batch, logits_); });
     if (!status.ok()) {
       KLS_LOG(ERROR) << "forward pass failed for " << batch.size() << " sequences: " << status;
       // A sticky device error ends this worker's service: every turn fails over to another.
@@ -1257,7 +1289,7 @@ class Engine::Impl {
       r.add_version_history_tokens(sr.version_history_tokens(v));
     if (version == sr.version()) {
       absl::StatusOr<std::unique_ptr<engine::BackendState>> state =
-          backend_->CloneState(*source.state);
+          WithRoom([&] { return backend_->CloneState(*source.state); });
       if (!state.ok()) return finish(state.status());
       child->history = source.history;
       child->state = *std::move(state);
@@ -1266,7 +1298,8 @@ class Engine::Impl {
       r.set_num_fed_tokens(sr.num_fed_tokens());
     } else {
       const uint64_t length = sr.version_history_tokens(version);
-      absl::StatusOr<std::unique_ptr<engine::BackendState>> state = backend_->NewState();
+      absl::StatusOr<std::unique_ptr<engine::BackendState>> state =
+          WithRoom([&] { return backend_->NewState(); });
       if (!state.ok()) return finish(state.status());
       child->history.assign(source.history.begin(), source.history.begin() + length);
       child->state = *std::move(state);

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "engine/backend/cpu/cpu_ops.h"
 #include "kernels/conv/conv_ref.h"
 #include "kernels/kda/kda_ref.h"
@@ -33,12 +34,18 @@ namespace {
 
 class CpuState final : public BackendState {
  public:
-  CpuState(const Backend* owner, SessionState state)
-      : BackendState(owner), state(std::move(state)) {}
+  CpuState(const Backend* owner, SessionState state, std::shared_ptr<int> live)
+      : BackendState(owner), state(std::move(state)), live_(std::move(live)) {
+    ++*live_;
+  }
+  ~CpuState() override { --*live_; }
   int64_t num_tokens() const override { return state.num_tokens(); }
   int64_t ByteSize() const override { return state.ByteSize(); }
 
   SessionState state;
+
+ private:
+  std::shared_ptr<int> live_;  // the backend's count of live states
 };
 
 class CpuCheckpoint final : public StateCheckpoint {
@@ -64,22 +71,33 @@ const SessionState* CpuBackend::HostState(const BackendState& state) const {
   return &static_cast<const CpuState&>(state).state;
 }
 
+absl::Status CpuBackend::CheckRoom() const {
+  if (options_.max_states > 0 && *live_states_ >= options_.max_states) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("all ", options_.max_states, " session states of the CPU backend are in use"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<BackendState>> CpuBackend::NewState() {
-  return std::make_unique<CpuState>(this, SessionState(weights_->config));
+  KLS_RETURN_IF_ERROR(CheckRoom());
+  return std::make_unique<CpuState>(this, SessionState(weights_->config), live_states_);
 }
 
 absl::StatusOr<std::unique_ptr<BackendState>> CpuBackend::CloneState(const BackendState& state) {
   const SessionState* host = HostState(state);
   if (host == nullptr) return absl::InvalidArgumentError("clone: a state of another backend");
-  return std::make_unique<CpuState>(this, *host);
+  KLS_RETURN_IF_ERROR(CheckRoom());
+  return std::make_unique<CpuState>(this, *host, live_states_);
 }
 
-absl::StatusOr<std::unique_ptr<BackendState>> CpuBackend::ImportState(SessionState host) {
+absl::StatusOr<std::unique_ptr<BackendState>> CpuBackend::ImportState(const SessionState& host) {
   if (!host.MatchesConfig(weights_->config) || host.mla_first_row() != 0) {
     return absl::InvalidArgumentError(
         "import: the state does not match the model's shapes or lacks MLA cache rows");
   }
-  return std::make_unique<CpuState>(this, std::move(host));
+  KLS_RETURN_IF_ERROR(CheckRoom());
+  return std::make_unique<CpuState>(this, host, live_states_);
 }
 
 absl::Status CpuBackend::ExportState(const BackendState& state, int64_t mla_first_row,

@@ -24,6 +24,10 @@ struct CpuBackendOptions {
   // MLA uses absorbed attention over the latent cache for at most this many new tokens and
   // decompressed (non-absorbed) attention above it.
   int mla_absorbed_max_tokens = 1;
+  // States (sessions and forks) the backend holds at once; 0 = no limit. Beyond it NewState,
+  // CloneState and ImportState return RESOURCE_EXHAUSTED, as the CUDA backend does when its
+  // state slots run out (tests use it to exercise that path without a GPU).
+  int max_states = 0;
 };
 
 // A sequence of a host-state forward (CpuBackend::ForwardHost).
@@ -41,7 +45,7 @@ class CpuBackend final : public Backend {
 
   absl::StatusOr<std::unique_ptr<BackendState>> NewState() override;
   absl::StatusOr<std::unique_ptr<BackendState>> CloneState(const BackendState& state) override;
-  absl::StatusOr<std::unique_ptr<BackendState>> ImportState(SessionState host) override;
+  absl::StatusOr<std::unique_ptr<BackendState>> ImportState(const SessionState& host) override;
   absl::Status ExportState(const BackendState& state, int64_t mla_first_row,
                            SessionState* host) override;
   absl::StatusOr<std::unique_ptr<StateCheckpoint>> Checkpoint(const BackendState& state) override;
@@ -70,8 +74,12 @@ class CpuBackend final : public Backend {
   void MlaMixer(const LayerWeights& layer, const Packed& packed, const float* a, float* out);
   void MoeFfn(const LayerWeights& layer, int64_t rows, const float* b, float* out);
 
+  // RESOURCE_EXHAUSTED when options_.max_states states are alive.
+  absl::Status CheckRoom() const;
+
   std::shared_ptr<const ModelWeights> weights_;
   CpuBackendOptions options_;
+  std::shared_ptr<int> live_states_ = std::make_shared<int>(0);  // shared with the states
 };
 
 }  // namespace kls::engine

@@ -549,7 +549,7 @@ absl::Status CudaBackend::Rollback(const StateCheckpoint& checkpoint, BackendSta
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<BackendState>> CudaBackend::ImportState(SessionState host) {
+absl::StatusOr<std::unique_ptr<BackendState>> CudaBackend::ImportState(const SessionState& host) {
   KLS_RETURN_IF_ERROR(impl_->sticky);
   KLS_RETURN_IF_ERROR(impl_->Fail(impl_->UseDevice()));
   Impl& m = *impl_;

@@ -54,7 +54,7 @@ class CudaBackend final : public Backend {
 
   absl::StatusOr<std::unique_ptr<BackendState>> NewState() override;
   absl::StatusOr<std::unique_ptr<BackendState>> CloneState(const BackendState& state) override;
-  absl::StatusOr<std::unique_ptr<BackendState>> ImportState(SessionState host) override;
+  absl::StatusOr<std::unique_ptr<BackendState>> ImportState(const SessionState& host) override;
   absl::Status ExportState(const BackendState& state, int64_t mla_first_row,
                            SessionState* host) override;
   absl::StatusOr<std::unique_ptr<StateCheckpoint>> Checkpoint(const BackendState& state) override;

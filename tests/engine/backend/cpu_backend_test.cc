@@ -375,5 +375,20 @@ TEST(CpuBackendStateTest, StatesOfAnotherBackendAreRefused) {
   EXPECT_TRUE(absl::IsInvalidArgument(mine->Checkpoint(*foreign).status()));
 }
 
+TEST(CpuBackendStateTest, MaxStatesIsResourceExhaustedUntilOneGoes) {
+  CpuBackendOptions options;
+  options.max_states = 2;
+  auto backend = MakeBackend(options);
+  std::unique_ptr<BackendState> a = NewState(*backend);
+  std::unique_ptr<BackendState> b = NewState(*backend);
+  absl::StatusOr<std::unique_ptr<BackendState>> third = backend->NewState();
+  EXPECT_TRUE(absl::IsResourceExhausted(third.status())) << third.status();
+  EXPECT_TRUE(absl::IsResourceExhausted(backend->CloneState(*a).status()));
+  EXPECT_TRUE(absl::IsResourceExhausted(backend->ImportState(Export(*backend, *a)).status()));
+  b.reset();
+  absl::StatusOr<std::unique_ptr<BackendState>> again = backend->CloneState(*a);
+  EXPECT_TRUE(again.ok()) << again.status();
+}
+
 }  // namespace
 }  // namespace kls::engine

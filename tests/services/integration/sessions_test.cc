@@ -436,6 +436,35 @@ TEST(EvictionTest, SessionsEvictedUnderTheBudgetRestoreExactly) {
   }
 }
 
+// A backend whose state memory runs out before the hot budget in bytes does (the CUDA backend's
+// slots): the engine evicts idle, durable sessions to make room, and every turn stays exact.
+TEST(EvictionTest, BackendOutOfStateSlotsEvictsIdleSessions) {
+  worker::WorkerOptions options;
+  options.data_dir = ScratchDir();
+  options.backend.cpu.max_states = 3;  // fewer than the 4 sessions
+  std::unique_ptr<ServedWorker> worker = StartWorker(options);
+  ASSERT_NE(worker, nullptr);
+  std::unique_ptr<ServedRouter> router = StartRouter({worker->address});
+  std::vector<std::vector<int32_t>> histories(4);
+  for (int turn = 1; turn <= 2; ++turn) {
+    for (int s = 0; s < 4; ++s) {
+      const std::string id = "slots" + std::to_string(s);
+      if (turn == 1) {
+        ASSERT_TRUE(CreateSession(router->client.get(), id).ok());
+      }
+      const std::vector<int32_t> input = InputTokens(5, 10 * s + turn);
+      TurnResult result = RunTurn(router->client.get(), TokensTurn(id, input, kTurnTokens));
+      ASSERT_TRUE(result.status.ok())
+          << id << " turn " << turn << ": " << result.status.error_message();
+      histories[s].insert(histories[s].end(), input.begin(), input.end());
+      EXPECT_EQ(result.tokens, UninterruptedRun(histories[s], kTurnTokens));
+      histories[s].insert(histories[s].end(), result.tokens.begin(), result.tokens.end());
+    }
+  }
+  EXPECT_GT(worker->worker->engine().GetLoad().evictions_total(), 0u);
+  EXPECT_LE(worker->worker->engine().GetLoad().hot_sessions(), 3u);  // max_states
+}
+
 // Drain writes back NONE turns; when the store is gone it keeps retrying and then says how many
 // sessions it could not write instead of claiming success.
 TEST(DrainTest, ReportsSessionsItCouldNotWriteBack) {
