@@ -15,6 +15,7 @@ A missing helm, yamllint or kls binary is a failure, never a skip.
 import argparse
 import copy
 import functools
+import json
 import os
 import re
 import shutil
@@ -35,8 +36,9 @@ EXAMPLES = {
     "cpu-small": CHART / "examples" / "values-cpu-small.yaml",
     "gpu-production": CHART / "examples" / "values-gpu-production.yaml",
 }
-# The oldest version the chart's features need for every example, and a newer one.
-KUBE_VERSIONS = ["1.31.0", "1.33.0"]
+# The oldest version the chart supports (Chart.yaml kubeVersion), one in between, and the first
+# with image volumes on by default. Renders without a version use the last.
+KUBE_VERSIONS = ["1.30.0", "1.33.0", "1.35.0"]
 RELEASE = "r1"
 NAMESPACE = "kls-test"
 DOMAIN = "cluster.local"
@@ -277,8 +279,13 @@ class StructureTest(unittest.TestCase):
                     self.assertEqual(limits.get("nvidia.com/gpu"), gpus, example)
                     self.assertEqual(f["--backend"], "cuda")
                     self.assertIn(values["worker"]["image"]["repository"], c["image"])
+                    # Every running turn holds its session and a checkpoint on the GPU.
+                    gpu_sessions = int(f["--gpu-max-sessions"])
+                    self.assertEqual(gpu_sessions, values["worker"]["gpuMaxSessions"])
+                    self.assertGreaterEqual(gpu_sessions, int(f["--max-running-turns"]))
                 else:
                     self.assertEqual(f["--backend"], "cpu")
+                    self.assertNotIn("--gpu-max-sessions", f, example)
                     self.assertNotIn("nvidia.com/gpu", limits, example)
                     self.assertNotIn("nvidia.com/gpu", requests, example)
                 # No other container anywhere asks for a GPU.
@@ -344,6 +351,25 @@ class StructureTest(unittest.TestCase):
                 grace = pod_spec(worker)["terminationGracePeriodSeconds"]
                 self.assertGreaterEqual(grace, drain + 10,
                                         f"{example}: grace {grace}, drain {drain}")
+
+    def test_router_grace_period_outlasts_its_shutdown(self):
+        # After the preStop sleep: up to 10 s for HTTP requests, then up to 5 s for gRPC calls.
+        for example, _, objs in self.each():
+            with self.subTest(example=example):
+                router = objs.workload("router")
+                sleep = container(router)["lifecycle"]["preStop"]["sleep"]["seconds"]
+                self.assertGreaterEqual(sleep, 1, example)
+                grace = pod_spec(router)["terminationGracePeriodSeconds"]
+                self.assertGreaterEqual(grace, sleep + 15, f"{example}: grace {grace}")
+
+    def test_backend_choices_exist_in_the_binary(self):
+        with open(CHART / "values.schema.json") as f:
+            schema = json.load(f)
+        choices = schema["properties"]["worker"]["properties"]["backend"]["enum"]
+        help_text = run([KLS, "worker", "--help"], check=True).stdout
+        match = re.search(r"--backend TEXT:\{([a-z,]+)\}", help_text)
+        self.assertIsNotNone(match, help_text)
+        self.assertLessEqual(set(choices), set(match.group(1).split(",")))
 
     def test_workers_address_every_store_shard_by_its_stable_name(self):
         for example, values, objs in self.each():
@@ -539,8 +565,11 @@ class VariantTest(unittest.TestCase):
     def test_image_volume_model(self):
         sets = ("model.source=image", "model.image.reference=registry.example.com/models/kimi:1",
                 "model.path=weights")
-        for kube in KUBE_VERSIONS:
-            docs, _ = render((str(EXAMPLES["cpu-small"]),), sets, kube)
+        # 1.31-1.34 only with the feature gate acknowledged; from 1.35 without.
+        for kube, gate in [("1.31.0", True), ("1.34.3", True), ("1.35.0", False),
+                           ("1.35.0", True)]:
+            docs, _ = render((str(EXAMPLES["cpu-small"]),),
+                             sets + (f"model.image.featureGateEnabled={str(gate).lower()}",), kube)
             worker = Objects(docs).workload("worker")
             kubernetes_validate.validate(worker, kube, strict=True)
             volume = next(v for v in pod_spec(worker)["volumes"] if v["name"] == "model")
@@ -570,6 +599,33 @@ class VariantTest(unittest.TestCase):
         self.assertEqual(trigger["metadata"]["query"], query)
         self.assertEqual(set(spec), {"scaleTargetRef", "minReplicaCount", "maxReplicaCount",
                                      "pollingInterval", "cooldownPeriod", "advanced", "triggers"})
+
+    def test_keda_with_a_custom_query_needs_no_service_monitor(self):
+        query = 'sum(kls_worker_queued_turns{job="kls-workers"})'
+        docs, _ = render(BASE, ("worker.keda.enabled=true", f"worker.keda.query={query}"))
+        objs = Objects(docs)
+        self.assertEqual(objs.all("ServiceMonitor"), [])
+        scaled = objs.get("ScaledObject", objs.workload("worker")["metadata"]["name"])
+        self.assertEqual(scaled["spec"]["triggers"][0]["metadata"]["query"], query)
+
+    def test_boundaries_that_are_accepted(self):
+        cases = [
+            # Grace = preStop sleep + 15 s: exactly enough.
+            (BASE, ("router.terminationGracePeriodSeconds=20",)),
+            (BASE, ("router.preStopSleepSeconds=0", "router.terminationGracePeriodSeconds=15")),
+            # As many GPU sessions as running turns.
+            (GPU, ("worker.gpuMaxSessions=128",)),
+            # The CPU backend has no GPU sessions to fit.
+            (BASE, ("worker.gpuMaxSessions=1",)),
+            (BASE, ("worker.keda.enabled=true", "worker.keda.cooldownPeriod=3600",
+                    "serviceMonitor.enabled=true")),
+        ]
+        for files, sets in cases:
+            with self.subTest(sets=sets):
+                docs, _ = render(files, sets)
+                for doc in docs:
+                    if (doc["apiVersion"], doc["kind"]) not in CRD_KINDS:
+                        kubernetes_validate.validate(doc, KUBE_VERSIONS[-1], strict=True)
 
     def test_external_metric_and_computed_grace_period(self):
         docs, _ = render((str(EXAMPLES["gpu-production"]),),
@@ -651,6 +707,20 @@ BAD_VALUES = [
      ["worker.grpcPort", "worker.metricsPort"], False),
     ("pods metric with a selector", GPU, ["worker.autoscaling.metric.selector.a=b"],
      ["worker.autoscaling.metric.selector"], False),
+    ("two gpus per worker", GPU, ["worker.gpus=2"], ["/worker/gpus", "maximum"], True),
+    ("gpu resource with the cuda backend", GPU, ["worker.resources.requests.nvidia\\.com/gpu=1"],
+     ["/worker/resources/requests/nvidia.com~1gpu"], True),
+    ("keda cooldown beyond the hpa window", BASE, ["worker.keda.cooldownPeriod=3601"],
+     ["/worker/keda/cooldownPeriod", "maximum"], True),
+    ("more running turns than gpu sessions", GPU, ["worker.gpuMaxSessions=127"],
+     ["worker.maxRunningTurns=128", "worker.gpuMaxSessions=127"], False),
+    ("keda default query without the service monitor", BASE, ["worker.keda.enabled=true"],
+     ["worker.keda.query", "serviceMonitor.enabled"], False),
+    ("router grace shorter than its shutdown", BASE, ["router.terminationGracePeriodSeconds=19"],
+     ["router.terminationGracePeriodSeconds=19", "router.preStopSleepSeconds=5"], False),
+    ("router grace shorter than its shutdown without a sleep", BASE,
+     ["router.preStopSleepSeconds=0", "router.terminationGracePeriodSeconds=14"],
+     ["router.terminationGracePeriodSeconds=14", "router.preStopSleepSeconds=0"], False),
 ]
 
 
@@ -676,10 +746,23 @@ class BadValuesTest(unittest.TestCase):
                     self.expect_failure(["lint", "--strict", *common], needles)
 
     def test_image_volume_needs_kubernetes_1_31(self):
+        # Not even with the feature gate: the field does not exist before 1.31.
         result = helm("template", RELEASE, CHART, "-f", BASE[0], "--kube-version", "1.30.0",
-                      "--set", "model.source=image", "--set", "model.image.reference=r/m:1")
+                      "--set", "model.source=image", "--set", "model.image.reference=r/m:1",
+                      "--set", "model.image.featureGateEnabled=true")
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("model.source=image needs Kubernetes >= 1.31", result.stderr)
+
+    def test_image_volume_before_1_35_needs_the_feature_gate(self):
+        # The gate is off by default before 1.35: an API server without it drops `image:` and
+        # rejects the pod, so the chart wants the user to say the gate is on.
+        for kube in ("1.31.0", "1.33.0", "1.34.9"):
+            with self.subTest(kube=kube):
+                result = helm("template", RELEASE, CHART, "-f", BASE[0], "--kube-version", kube,
+                              "--set", "model.source=image", "--set", "model.image.reference=r/m:1")
+                self.assertNotEqual(result.returncode, 0, result.stdout[:2000])
+                self.assertIn("model.image.featureGateEnabled=true", result.stderr)
+                self.assertIn(f"Kubernetes v{kube}", result.stderr)
 
     def test_chart_refuses_clusters_older_than_its_kube_version(self):
         result = helm("template", RELEASE, CHART, "-f", BASE[0], "--kube-version", "1.29.0")

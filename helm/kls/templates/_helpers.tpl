@@ -197,9 +197,13 @@ Cross-value checks that a JSON schema cannot express. Each failure names the val
 {{- fail (printf "worker.gpus=%d needs worker.image.repository: a CUDA worker image (deploy/docker target kls-cuda); the CPU image has no CUDA runtime" (int $w.gpus)) -}}
 {{- end -}}
 {{- range $section := list "limits" "requests" -}}
-{{- if and (eq $w.backend "cpu") (hasKey (default dict (get $w.resources $section)) "nvidia.com/gpu") -}}
-{{- fail (printf "worker.resources.%s.nvidia.com/gpu is set with worker.backend=cpu; set worker.gpus (with worker.backend=cuda) instead" $section) -}}
+{{- if hasKey (default dict (get $w.resources $section)) "nvidia.com/gpu" -}}
+{{- fail (printf "worker.resources.%s.nvidia.com/gpu is set; set worker.gpus (with worker.backend=cuda) instead: the chart sets the GPU limit from it" $section) -}}
 {{- end -}}
+{{- end -}}
+{{- /* Every running turn holds its session and a checkpoint in the GPU's KDA slots. */ -}}
+{{- if and (eq $w.backend "cuda") (gt (int $w.maxRunningTurns) (int $w.gpuMaxSessions)) -}}
+{{- fail (printf "worker.maxRunningTurns=%d exceeds worker.gpuMaxSessions=%d: the GPU could not hold the sessions of the turns it runs at once" (int $w.maxRunningTurns) (int $w.gpuMaxSessions)) -}}
 {{- end -}}
 {{- /* The drain must fit in the grace period. */ -}}
 {{- $grace := int (include "kls.worker.gracePeriod" .) -}}
@@ -222,7 +226,14 @@ Cross-value checks that a JSON schema cannot express. Each failure names the val
 {{- if and (eq (int $w.rollingUpdate.maxSurge) 0) (eq (int $w.rollingUpdate.maxUnavailable) 0) -}}
 {{- fail "worker.rollingUpdate.maxSurge=0 and worker.rollingUpdate.maxUnavailable=0: a rolling update could never start; allow one of them" -}}
 {{- end -}}
+{{- if and $w.keda.enabled (not $w.keda.query) (not .Values.serviceMonitor.enabled) -}}
+{{- fail "worker.keda.enabled with the default worker.keda.query needs serviceMonitor.enabled: the query selects the workers by the service label that scraping through the ServiceMonitor adds; enable it or set worker.keda.query for how your Prometheus labels the workers" -}}
+{{- end -}}
 {{- $r := .Values.router -}}
+{{- /* After the preStop sleep: up to 10 s for HTTP requests, then up to 5 s for gRPC calls. */ -}}
+{{- if lt (int $r.terminationGracePeriodSeconds) (add (int $r.preStopSleepSeconds) 15) -}}
+{{- fail (printf "router.terminationGracePeriodSeconds=%d must be at least router.preStopSleepSeconds=%d + 15: after the sleep a router takes up to 10 s to end HTTP requests and 5 s more for gRPC calls, and Kubernetes would kill it mid-way" (int $r.terminationGracePeriodSeconds) (int $r.preStopSleepSeconds)) -}}
+{{- end -}}
 {{- if and $r.autoscaling.enabled (gt (int $r.autoscaling.minReplicas) (int $r.autoscaling.maxReplicas)) -}}
 {{- fail (printf "router.autoscaling.minReplicas=%d is above router.autoscaling.maxReplicas=%d" (int $r.autoscaling.minReplicas) (int $r.autoscaling.maxReplicas)) -}}
 {{- end -}}
@@ -252,6 +263,11 @@ Cross-value checks that a JSON schema cannot express. Each failure names the val
 {{- end -}}
 {{- if not (semverCompare ">=1.31.0-0" .Capabilities.KubeVersion.Version) -}}
 {{- fail (printf "model.source=image needs Kubernetes >= 1.31 (image volumes); this cluster is %s" .Capabilities.KubeVersion.Version) -}}
+{{- end -}}
+{{- /* 1.31-1.34: behind the ImageVolume gate, off by default; an API server without it drops
+       the volume's image field and rejects the pod. */ -}}
+{{- if and (not (semverCompare ">=1.35.0-0" .Capabilities.KubeVersion.Version)) (not $m.image.featureGateEnabled) -}}
+{{- fail (printf "model.source=image on Kubernetes %s needs the ImageVolume feature gate (on by default only from 1.35): enable it on the API server and every kubelet, then set model.image.featureGateEnabled=true; or use model.source=pvc" .Capabilities.KubeVersion.Version) -}}
 {{- end -}}
 {{- end -}}
 {{- /* Rescaling the store moves keys away from their data: refuse it on upgrade. lookup is empty
