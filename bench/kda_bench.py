@@ -20,18 +20,17 @@ Usage (GPU machine, from the repository root):
   PYTHONPATH=$PWD/.site python3 bench/kda_bench.py --lib build-cuda2/bench/libkda_bench.so
 """
 
-import argparse
 import ctypes
 import json
 import math
 import os
-import re
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_util, however started
+from bench_util import (CudaLib, ResultsLog, device_info, measure_ceilings,  # noqa: E402
+                        parse_args, ptr, rel_rms, time_cell, time_graph)
 
 H, D = 32, 128
 RMS_BOUND = 5e-3
@@ -42,11 +41,11 @@ STATE_BYTES = H * D * D * 4  # one sequence's fp32 state
 # Library
 # ----------------------------------------------------------------------------------------------
 
-class KlsKda:
+class KlsKda(CudaLib):
     """ctypes wrapper of bench/kda_bench_lib.cu. Tensors must be contiguous CUDA tensors."""
 
     def __init__(self, path):
-        self.lib = ctypes.CDLL(os.path.abspath(path))
+        super().__init__(path)
         vp, i32, i64, f32, u64 = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float,
                                   ctypes.c_uint64)
         self.lib.kls_kda_chunk_workspace_bytes.argtypes = [i32, i64, i32, i32]
@@ -56,12 +55,6 @@ class KlsKda:
         self.lib.kls_kda_chunk.restype = i32
         self.lib.kls_kda_recurrent.argtypes = common + [vp]
         self.lib.kls_kda_recurrent.restype = i32
-        self.lib.kls_cuda_error_string.argtypes = [i32]
-        self.lib.kls_cuda_error_string.restype = ctypes.c_char_p
-
-    def _check(self, err, what):
-        if err != 0:
-            raise RuntimeError(f"{what}: {self.lib.kls_cuda_error_string(err).decode()}")
 
     def workspace_bytes(self, num_seqs, total_tokens, num_heads, head_dim):
         return int(self.lib.kls_kda_chunk_workspace_bytes(num_seqs, total_tokens, num_heads,
@@ -70,22 +63,18 @@ class KlsKda:
     def _args(self, x, pool, slots, out):
         total, heads, dim = x["q"].shape
         n = x["cu_seqlens"].numel() - 1
-        ptr = lambda t: ctypes.c_void_p(t.data_ptr())
         return [ptr(x["q"]), ptr(x["k"]), ptr(x["v"]), ptr(x["f"]), ptr(x["beta"]),
                 ptr(x["a_log"]), ptr(x["dt_bias"]), ptr(x["cu_seqlens"]), ptr(pool), ptr(slots),
                 ptr(out), n, total, x["max_seqlen"], heads, dim, dim ** -0.5]
 
     def chunk(self, x, pool, slots, out, workspace, state_tile=0):
         """state_tile: value columns per state CTA, 32 or 64; 0 lets the launcher choose."""
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         err = self.lib.kls_kda_chunk(*self._args(x, pool, slots, out), state_tile,
-                                     ctypes.c_void_p(workspace.data_ptr()), workspace.numel(),
-                                     stream)
+                                     ptr(workspace), workspace.numel(), self._stream())
         self._check(err, "LaunchKdaChunk")
 
     def recurrent(self, x, pool, slots, out):
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        self._check(self.lib.kls_kda_recurrent(*self._args(x, pool, slots, out), stream),
+        self._check(self.lib.kls_kda_recurrent(*self._args(x, pool, slots, out), self._stream()),
                     "LaunchKdaRecurrent")
 
 
@@ -111,11 +100,6 @@ def make_inputs(batch, seqlen, seed, dev="cuda"):
         "h0": 0.1 * rnd(batch, H, D, D),
     }
     return x
-
-
-def rel_rms(actual, expected):
-    a, e = actual.double(), expected.double()
-    return math.sqrt(((a - e) ** 2).sum().item() / max((e ** 2).sum().item(), 1e-300))
 
 
 def fla_chunk(fla_mod, x, batch, seqlen, h0):
@@ -158,102 +142,36 @@ def reference_fp64(x, seqlen):
 
 
 # ----------------------------------------------------------------------------------------------
-# Timing
-# ----------------------------------------------------------------------------------------------
-
-def time_graph(step, calls, warmup=10, iters=50):
-    """Median seconds per call of `step(i)` (i = 0..calls-1) captured `calls` times into one CUDA
-    graph; falls back to eager launches (marked) if capture fails."""
-    for i in range(min(calls, 3)):  # autotuning and lazy loading outside the capture
-        step(i)
-    torch.cuda.synchronize()
-    mode = "graph"
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(calls):
-                step(i)
-        run = graph.replay
-    except Exception as e:  # noqa: BLE001 - report and measure eagerly instead
-        print(f"  graph capture failed ({type(e).__name__}: {e}); timing eager launches",
-              file=sys.stderr)
-        torch.cuda.synchronize()
-        mode = "eager"
-
-        def run():
-            for i in range(calls):
-                step(i)
-    for _ in range(warmup):
-        run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times) / calls, mode
-
-
-def time_eager(fn, warmup=10, iters=50):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
-# ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 
-def device_info():
-    props = torch.cuda.get_device_properties(0)
-    info = {"card": torch.cuda.get_device_name(0), "sms": props.multi_processor_count,
-            "memory_gib": round(props.total_memory / 2 ** 30, 1), "torch": torch.__version__}
-    try:
-        smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,clocks.mem",
-             "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-        if smi.returncode == 0:
-            info["nvidia_smi"] = smi.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
+TABLE_COLUMNS = [("case", "<24"), ("impl", "<6"), ("time", ">12"), ("rate", ">14"),
+                 ("speedup vs fla", ">15")]
+
+
+def table_cells(r):
+    """The table line of record r (bench_util.print_table), None for records not shown."""
+    if "ms" in r or "us" in r:
+        rate = (f"{r['mtok_s']:.2f} Mtok/s" if "mtok_s" in r else
+                f"{r['tb_s']:.3f} TB/s" if "tb_s" in r else f"{r['tflop_s']:.0f} TFLOP/s")
+        sp = f"{r['speedup_vs_fla']:.2f}x" if "speedup_vs_fla" in r else ""
+        return [r["case"], r["impl"], time_cell(r), rate, sp]
+    if "out_rel_rms" in r:
+        return [r["case"], r["impl"], f"out rel RMS {r['out_rel_rms']:.2e}, "
+                f"state {r['state_rel_rms']:.2e} (vs fp64)"]
+    if r.get("status") == "mismatch":
+        return [r["case"], r["impl"], f"MISMATCH vs fla: out "
+                f"{r['out_rel_rms_vs_fla']:.2e}, state {r['state_rel_rms_vs_fla']:.2e}"]
+    return None
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lib", required=True, help="path to libkda_bench.so")
-    ap.add_argument("--results-dir", default="bench/results")
-    ap.add_argument("--cases", default="ceilings,reference,prefill,decode",
-                    help="comma-separated subset of ceilings,reference,prefill,decode")
-    ap.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
-    args = ap.parse_args()
-    wanted = set(args.cases.split(","))
+    args, wanted = parse_args(__doc__, "kda", "ceilings,reference,prefill,decode")
 
     torch.backends.cuda.matmul.allow_tf32 = False
     info = device_info()
-    card = re.sub(r"[^A-Za-z0-9]+", "_", info["card"]).strip("_")
-    run_id = time.strftime("%Y%m%dT%H%M%S")
-    os.makedirs(args.results_dir, exist_ok=True)
-    results_path = os.path.join(args.results_dir, f"kda_{card}.jsonl")
-    rows = []
-
-    def emit(record):
-        record = {"bench": "kda", "run": run_id, "card": info["card"], **record}
-        with open(results_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        rows.append(record)
+    log = ResultsLog("kda", args.results_dir, info)
+    emit = log.emit
 
     print(json.dumps(info))
     emit({"case": "device", **info})
@@ -269,19 +187,7 @@ def main():
     torch.set_grad_enabled(False)
 
     if "ceilings" in wanted:
-        n = 1 << 30
-        src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
-        dst = torch.empty_like(src)
-        t = time_eager(lambda: dst.copy_(src))
-        emit({"case": "ceiling_copy_1GiB", "impl": "torch", "ms": t * 1e3,
-              "tb_s": 2 * n / t / 1e12})
-        del src, dst
-        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        t = time_eager(lambda: torch.matmul(a, b))
-        emit({"case": "ceiling_gemm_8192", "impl": "torch", "ms": t * 1e3,
-              "tflop_s": 2 * 8192 ** 3 / t / 1e12})
-        del a, b
+        measure_ceilings(emit)
 
     if "reference" in wanted:
         seqlen = 256
@@ -390,21 +296,7 @@ def main():
             del pool_ours, pool_fla
             torch.cuda.empty_cache()
 
-    print(f"\nresults appended to {results_path} (run {run_id})")
-    print(f"{'case':<24} {'impl':<6} {'time':>12} {'rate':>14} {'speedup vs fla':>15}")
-    for r in rows:
-        if "ms" in r or "us" in r:
-            t = f"{r['ms']:.3f} ms" if "ms" in r else f"{r['us']:.2f} us"
-            rate = (f"{r['mtok_s']:.2f} Mtok/s" if "mtok_s" in r else
-                    f"{r['tb_s']:.3f} TB/s" if "tb_s" in r else f"{r['tflop_s']:.0f} TFLOP/s")
-            sp = f"{r['speedup_vs_fla']:.2f}x" if "speedup_vs_fla" in r else ""
-            print(f"{r['case']:<24} {r['impl']:<6} {t:>12} {rate:>14} {sp:>15}")
-        elif "out_rel_rms" in r:
-            print(f"{r['case']:<24} {r['impl']:<6} out rel RMS {r['out_rel_rms']:.2e}, "
-                  f"state {r['state_rel_rms']:.2e} (vs fp64)")
-        elif r.get("status") == "mismatch":
-            print(f"{r['case']:<24} {r['impl']:<6} MISMATCH vs fla: out "
-                  f"{r['out_rel_rms_vs_fla']:.2e}, state {r['state_rel_rms_vs_fla']:.2e}")
+    log.report(TABLE_COLUMNS, table_cells)
 
 
 if __name__ == "__main__":

@@ -32,20 +32,18 @@ Usage (GPU machine, from the repository root):
   python3 bench/mla_bench.py --lib ... --cases prefill --quick      # smoke test
 """
 
-import argparse
 import ctypes
 import itertools
-import json
 import math
 import os
-import re
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_util, however started
+from bench_util import (CudaLib, ResultsLog, device_info, measure_ceilings,  # noqa: E402
+                        parse_args, ptr, rel_rms, time_cell, time_eager, time_graph)
 
 H, DQK, DV = 32, 192, 128
 DC, DR, PAGE = 512, 64, 64
@@ -60,11 +58,11 @@ ROTATE_BYTES = 256 << 20
 # Library
 # ----------------------------------------------------------------------------------------------
 
-class KlsMla:
+class KlsMla(CudaLib):
     """ctypes wrapper of bench/mla_bench_lib.cu. Tensors must be CUDA tensors in mla.h layouts."""
 
     def __init__(self, path):
-        self.lib = ctypes.CDLL(os.path.abspath(path))
+        super().__init__(path)
         vp, i32, i64, f32, u64 = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float,
                                   ctypes.c_uint64)
         self.lib.kls_mla_prefill.argtypes = ([vp, i64, i64] * 3 + [vp, vp, vp] +
@@ -79,21 +77,10 @@ class KlsMla:
                                             [i32, i32, i32, i32, i32, i32, f32, i64, i32] +
                                             [vp, u64, vp])
         self.lib.kls_mla_decode.restype = i32
-        self.lib.kls_cuda_error_string.argtypes = [i32]
-        self.lib.kls_cuda_error_string.restype = ctypes.c_char_p
-
-    def _check(self, err, what):
-        if err != 0:
-            raise RuntimeError(f"{what}: {self.lib.kls_cuda_error_string(err).decode()}")
-
-    @staticmethod
-    def _stream():
-        return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
 
     def prefill(self, q, k, v, out, cu_q, cu_k, max_seqlen_q):
         """q, k: [tokens, H, Dqk] views (last dim contiguous); v: [tokens, H, Dv]; out contiguous
         [total_q, H, Dv]; cu_q, cu_k int32."""
-        ptr = lambda t: ctypes.c_void_p(t.data_ptr())
         total_q, heads, dqk = q.shape
         err = self.lib.kls_mla_prefill(
             ptr(q), q.stride(0), q.stride(1), ptr(k), k.stride(0), k.stride(1), ptr(v),
@@ -111,7 +98,6 @@ class KlsMla:
         return int(self.lib.kls_mla_decode_workspace_bytes(*self._sizes(*sizes)))
 
     def decode(self, q_lat, q_pe, pool, table, seq_lens, out, max_seq_len, workspace, splits=0):
-        ptr = lambda t: ctypes.c_void_p(t.data_ptr())
         batch, heads, _ = q_lat.shape
         err = self.lib.kls_mla_decode(
             ptr(q_lat), ptr(q_pe), ptr(pool), ptr(table), table.shape[1], ptr(seq_lens),
@@ -119,56 +105,6 @@ class KlsMla:
             ctypes.c_void_p(workspace.data_ptr() if workspace.numel() else 0), workspace.numel(),
             self._stream())
         self._check(err, "LaunchMlaDecode")
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing
-# ----------------------------------------------------------------------------------------------
-
-def time_eager(fn, warmup=10, iters=50):
-    """Median seconds of fn() over `iters` CUDA-event-timed runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
-def time_graph(step, calls, warmup=10, iters=50):
-    """Median seconds per call of step(i), i = 0..calls-1, captured into one CUDA graph (eager
-    launches, marked, if capture fails)."""
-    for i in range(min(calls, 2)):
-        step(i)
-    torch.cuda.synchronize()
-    mode = "graph"
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(calls):
-                step(i)
-        run = graph.replay
-    except Exception as e:  # noqa: BLE001 - report and measure eagerly instead
-        print(f"  graph capture failed ({type(e).__name__}: {e}); timing eager launches",
-              file=sys.stderr)
-        torch.cuda.synchronize()
-        mode = "eager"
-
-        def run():
-            for i in range(calls):
-                step(i)
-    return time_eager(run, warmup, iters) / calls, mode
-
-
-def rel_rms(actual, expected):
-    a, e = actual.double(), expected.double()
-    return math.sqrt(((a - e) ** 2).sum().item() / max((e ** 2).sum().item(), 1e-300))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,8 +325,9 @@ def bench_decode(ours, emit, copy_tb_s, quick):
         calls = rotations * max(1, math.ceil(32 / rotations)) if set_bytes < (1 << 30) else 4
         t_ours, mode_o = time_graph(
             lambda i: ours.decode(q_lat, q_pe, pool, tables[i % rotations], seq_lens, out, seqlen,
-                                  ws), calls)
-        t_torch, mode_t = time_graph(lambda i: torch_decode(q_cat, caches[i % rotations]), calls)
+                                  ws), calls, prewarm=2)
+        t_torch, mode_t = time_graph(lambda i: torch_decode(q_cat, caches[i % rotations]), calls,
+                                     prewarm=2)
         cache_bytes = batch * seqlen * ROW * 2
         common = {"calls_per_graph": calls, "rotated_mib": rotations * set_bytes >> 20,
                   "cache_mib": cache_bytes >> 20, "pages": "in order, 64 tokens"}
@@ -408,65 +345,46 @@ def bench_decode(ours, emit, copy_tb_s, quick):
 # Main
 # ----------------------------------------------------------------------------------------------
 
-def device_info():
-    props = torch.cuda.get_device_properties(0)
-    info = {"card": torch.cuda.get_device_name(0), "sms": props.multi_processor_count,
-            "memory_gib": round(props.total_memory / 2 ** 30, 1), "torch": torch.__version__}
-    try:
-        smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,clocks.mem",
-             "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-        if smi.returncode == 0:
-            info["nvidia_smi"] = smi.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
+TABLE_COLUMNS = [("case", "<26"), ("impl", "<19"), ("time", ">12"), ("rate", ">15"),
+                 ("vs copy", ">8"), ("ratio", ">22")]
+
+
+def table_cells(r):
+    """The table line of record r (bench_util.print_table), None for records not shown."""
+    if "ms" in r or "us" in r:
+        rate = (f"{r['tflop_s']:.0f} TFLOP/s" if "tflop_s" in r else
+                f"{r['tb_s']:.3f} TB/s")
+        frac = f"{r['fraction_of_copy']:.0%}" if "fraction_of_copy" in r else ""
+        ratio = ""
+        if "speedup_vs_best_sdpa" in r:
+            ratio = (f"{r['speedup_vs_sdpa_default']:.2f}x dflt "
+                     f"{r['speedup_vs_best_sdpa']:.2f}x best")
+        elif r["impl"] == "kls" and "speedup_vs_torch" in r:
+            ratio = f"{r['speedup_vs_torch']:.2f}x torch"
+        return [r["case"], r["impl"], time_cell(r, us_digits=1), rate, frac, ratio]
+    if "status" in r:
+        return [r["case"], r["impl"], r["status"]]
+    if any(k.endswith("vs_fp64") for k in r):
+        errs = ", ".join(f"{k} {v:.2e}" for k, v in r.items() if k.endswith("vs_fp64"))
+        return [r["case"], r["impl"], errs]
+    return None
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lib", required=True, help="path to libmla_bench.so")
-    ap.add_argument("--results-dir", default="bench/results")
-    ap.add_argument("--cases", default="ceilings,prefill,decode",
-                    help="comma-separated subset of ceilings,prefill,decode")
-    ap.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
-    args = ap.parse_args()
-    wanted = set(args.cases.split(","))
+    args, wanted = parse_args(__doc__, "mla", "ceilings,prefill,decode")
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_grad_enabled(False)
     info = device_info()
-    card = re.sub(r"[^A-Za-z0-9]+", "_", info["card"]).strip("_")
-    run_id = time.strftime("%Y%m%dT%H%M%S")
-    os.makedirs(args.results_dir, exist_ok=True)
-    results_path = os.path.join(args.results_dir, f"mla_{card}.jsonl")
-    rows = []
-
-    def emit(record):
-        record = {"bench": "mla", "run": run_id, "card": info["card"], **record}
-        with open(results_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        rows.append(record)
-        print(json.dumps(record), flush=True)
+    log = ResultsLog("mla", args.results_dir, info, echo=True)
+    emit = log.emit
 
     emit({"case": "device", **info})
     ours = KlsMla(args.lib)
 
     copy_tb_s = None
     if "ceilings" in wanted:
-        n = 1 << 30
-        src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
-        dst = torch.empty_like(src)
-        t = time_eager(lambda: dst.copy_(src))
-        copy_tb_s = 2 * n / t / 1e12
-        emit({"case": "ceiling_copy_1GiB", "impl": "torch", "ms": t * 1e3, "tb_s": copy_tb_s})
-        del src, dst
-        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        t = time_eager(lambda: torch.matmul(a, b))
-        emit({"case": "ceiling_gemm_8192", "impl": "torch", "ms": t * 1e3,
-              "tflop_s": 2 * 8192 ** 3 / t / 1e12})
-        del a, b
+        copy_tb_s = measure_ceilings(emit)["copy_tb_s"]
         torch.cuda.empty_cache()
 
     if "prefill" in wanted:
@@ -474,26 +392,7 @@ def main():
     if "decode" in wanted:
         bench_decode(ours, emit, copy_tb_s, args.quick)
 
-    print(f"\nresults appended to {results_path} (run {run_id}); card {info['card']}")
-    print(f"{'case':<26} {'impl':<19} {'time':>12} {'rate':>15} {'vs copy':>8} {'ratio':>22}")
-    for r in rows:
-        if "ms" in r or "us" in r:
-            t = f"{r['ms']:.3f} ms" if "ms" in r else f"{r['us']:.1f} us"
-            rate = (f"{r['tflop_s']:.0f} TFLOP/s" if "tflop_s" in r else
-                    f"{r['tb_s']:.3f} TB/s")
-            frac = f"{r['fraction_of_copy']:.0%}" if "fraction_of_copy" in r else ""
-            ratio = ""
-            if "speedup_vs_best_sdpa" in r:
-                ratio = (f"{r['speedup_vs_sdpa_default']:.2f}x dflt "
-                         f"{r['speedup_vs_best_sdpa']:.2f}x best")
-            elif r["impl"] == "kls" and "speedup_vs_torch" in r:
-                ratio = f"{r['speedup_vs_torch']:.2f}x torch"
-            print(f"{r['case']:<26} {r['impl']:<19} {t:>12} {rate:>15} {frac:>8} {ratio:>22}")
-        elif "status" in r:
-            print(f"{r['case']:<26} {r['impl']:<19} {r['status']}")
-        elif any(k.endswith("vs_fp64") for k in r):
-            errs = ", ".join(f"{k} {v:.2e}" for k, v in r.items() if k.endswith("vs_fp64"))
-            print(f"{r['case']:<26} {r['impl']:<19} {errs}")
+    log.report(TABLE_COLUMNS, table_cells, note=f"; card {info['card']}")
 
 
 if __name__ == "__main__":

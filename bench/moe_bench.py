@@ -31,18 +31,17 @@ Usage (GPU machine, from the repository root):
   python3 bench/moe_bench.py --lib build-gpu/bench/libmoe_bench.so
 """
 
-import argparse
 import ctypes
 import json
-import math
 import os
-import re
 import statistics
-import subprocess
 import sys
-import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_util, however started
+from bench_util import (CudaLib, ResultsLog, device_info, measure_ceilings,  # noqa: E402
+                        parse_args, ptr, rel_rms, time_cell, time_eager, time_graph)
 
 D, I, E, K = 2304, 1024, 256, 8
 SCALING = 2.446
@@ -55,11 +54,11 @@ EXPERT_BYTES = (2 * I * D + D * I) * 2  # one expert's w1, w3, w2 in bf16
 # Library
 # ----------------------------------------------------------------------------------------------
 
-class KlsMoe:
+class KlsMoe(CudaLib):
     """ctypes wrapper of bench/moe_bench_lib.cu. Tensors must be contiguous CUDA tensors."""
 
     def __init__(self, path):
-        self.lib = ctypes.CDLL(os.path.abspath(path))
+        super().__init__(path)
         vp, i32, i64, f64, u64 = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
                                   ctypes.c_double, ctypes.c_uint64)
         self.lib.kls_moe_route.argtypes = [vp, i64, vp, i64, i32, i32, i32, f64, i32, vp, vp, vp]
@@ -71,23 +70,12 @@ class KlsMoe:
         self.lib.kls_moe_tile_rows.restype = i32
         self.lib.kls_moe_experts.argtypes = [vp] * 7 + [i64, i32, i32, i32, i32, i32, vp, u64, vp]
         self.lib.kls_moe_experts.restype = i32
-        self.lib.kls_cuda_error_string.argtypes = [i32]
-        self.lib.kls_cuda_error_string.restype = ctypes.c_char_p
-
-    def _check(self, err, what):
-        if err != 0:
-            raise RuntimeError(f"{what}: {self.lib.kls_cuda_error_string(err).decode()}")
-
-    @staticmethod
-    def _stream():
-        return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
 
     def route(self, logits, bias, ids, weights):
         t, e = logits.shape
         self._check(self.lib.kls_moe_route(
-            ctypes.c_void_p(logits.data_ptr()), logits.stride(0), ctypes.c_void_p(bias.data_ptr()),
-            t, e, ids.shape[1], 1, SCALING, 0, ctypes.c_void_p(ids.data_ptr()),
-            ctypes.c_void_p(weights.data_ptr()), self._stream()), "LaunchMoeRoute")
+            ptr(logits), logits.stride(0), ptr(bias), t, e, ids.shape[1], 1, SCALING, 0, ptr(ids),
+            ptr(weights), self._stream()), "LaunchMoeRoute")
 
     def workspace(self, tokens, path):
         b = ctypes.c_uint64(0)
@@ -100,7 +88,6 @@ class KlsMoe:
         return int(self.lib.kls_moe_tile_rows(tokens, D, I, E, K, PATHS[path]))
 
     def experts(self, hidden, ids, weights, w13, w2, out, path, workspace, shared=None):
-        ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None
         self._check(self.lib.kls_moe_experts(
             ptr(hidden), ptr(ids), ptr(weights), ptr(w13), ptr(w2), ptr(shared), ptr(out),
             hidden.shape[0], D, I, E, K, PATHS[path], ptr(workspace), workspace.numel(),
@@ -158,133 +145,57 @@ def torch_loop(hidden, ids, weights, w13, w2, dtype=None):
     return out if dtype is not None else out.to(hidden.dtype)
 
 
-def rel_rms(actual, expected):
-    a, e = actual.double(), expected.double()
-    return math.sqrt(((a - e) ** 2).sum().item() / max((e ** 2).sum().item(), 1e-300))
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing
-# ----------------------------------------------------------------------------------------------
-
-def time_graph(step, calls, warmup=10, iters=50):
-    """Median seconds per call of `step(i)` (i = 0..calls-1) captured `calls` times into one CUDA
-    graph; falls back to eager launches (marked) if capture fails."""
-    for i in range(min(calls, 3)):
-        step(i)
-    torch.cuda.synchronize()
-    mode = "graph"
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(calls):
-                step(i)
-        run = graph.replay
-    except Exception as e:  # noqa: BLE001 - report and measure eagerly instead
-        print(f"  graph capture failed ({type(e).__name__}: {e}); timing eager launches",
-              file=sys.stderr)
-        torch.cuda.synchronize()
-        mode = "eager"
-
-        def run():
-            for i in range(calls):
-                step(i)
-    for _ in range(warmup):
-        run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times) / calls, mode
-
-
-def time_eager(fn, warmup=10, iters=50):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 
-def device_info():
-    props = torch.cuda.get_device_properties(0)
-    info = {"card": torch.cuda.get_device_name(0), "sms": props.multi_processor_count,
-            "memory_gib": round(props.total_memory / 2 ** 30, 1), "torch": torch.__version__}
-    try:
-        smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,clocks.mem",
-             "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-        if smi.returncode == 0:
-            info["nvidia_smi"] = smi.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
+TABLE_COLUMNS = [("case", "<20"), ("impl", "<24"), ("time", ">12"), ("rate", ">16"),
+                 ("vs ceiling", ">11"), ("note", ">26")]
+
+
+def table_cells(r):
+    """The table line of record r (bench_util.print_table), None for records not shown."""
+    if "ms" in r or "us" in r:
+        rate = (f"{r['tflop_s']:.0f} TFLOP/s" if "tflop_s" in r else
+                f"{r['tb_s']:.3f} TB/s" if "tb_s" in r else "")
+        frac = r.get("fraction_of_copy", r.get("fraction_of_gemm_ceiling"))
+        frac = f"{frac:.0%}" if frac is not None else ""
+        note = ""
+        if "speedup_vs_torch_loop" in r:
+            note = (f"{r['speedup_vs_torch_loop']:.1f}x loop, "
+                    f"{r['fraction_of_cublas_dense']:.0%} cuBLAS")
+        elif "tile_rows" in r:
+            note = f"tile {r['tile_rows']}"
+        return [r["case"], r["impl"], time_cell(r), rate, frac, note]
+    if "out_rel_rms" in r:
+        return [r["case"], r["impl"], f"out rel RMS {r['out_rel_rms']:.2e} vs fp64"]
+    if "ids_equal" in r:
+        return [r["case"], r["impl"], f"ids equal: {r['ids_equal']}, weights max "
+                f"abs err {r['weights_max_abs_err']:.1e}"]
+    if r.get("status") == "mismatch":
+        return [r["case"], r["impl"], f"MISMATCH (rel RMS "
+                f"{r['out_rel_rms_vs_fp32']:.2e}); not timed"]
+    return None
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lib", required=True, help="path to libmoe_bench.so")
-    ap.add_argument("--results-dir", default="bench/results")
-    ap.add_argument("--cases", default="ceilings,reference,route,decode,crossover,prefill",
-                    help="comma-separated subset of "
-                         "ceilings,reference,route,decode,crossover,prefill")
-    ap.add_argument("--quick", action="store_true", help="fewer, smaller cases (smoke test)")
-    args = ap.parse_args()
-    wanted = set(args.cases.split(","))
+    args, wanted = parse_args(__doc__, "moe", "ceilings,reference,route,decode,crossover,prefill",
+                              quick_help="fewer, smaller cases (smoke test)")
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_grad_enabled(False)
     info = device_info()
-    card = re.sub(r"[^A-Za-z0-9]+", "_", info["card"]).strip("_")
-    run_id = time.strftime("%Y%m%dT%H%M%S")
-    os.makedirs(args.results_dir, exist_ok=True)
-    results_path = os.path.join(args.results_dir, f"moe_{card}.jsonl")
-    rows = []
+    log = ResultsLog("moe", args.results_dir, info)
+    emit = log.emit
     ceilings = {}
-
-    def emit(record):
-        record = {"bench": "moe", "run": run_id, "card": info["card"], **record}
-        with open(results_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        rows.append(record)
 
     print(json.dumps(info))
     emit({"case": "device", **info})
     ours = KlsMoe(args.lib)
 
     if "ceilings" in wanted:
-        n = 1 << 30
-        src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
-        dst = torch.empty_like(src)
-        t = time_eager(lambda: dst.copy_(src))
-        ceilings["copy_tb_s"] = 2 * n / t / 1e12
-        emit({"case": "ceiling_copy_1GiB", "impl": "torch", "ms": t * 1e3,
-              "tb_s": ceilings["copy_tb_s"]})
-        del src, dst
-        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        t = time_eager(lambda: torch.matmul(a, b))
-        ceilings["gemm_tflop_s"] = 2 * 8192 ** 3 / t / 1e12
-        emit({"case": "ceiling_gemm_8192", "impl": "cublas", "ms": t * 1e3,
-              "tflop_s": ceilings["gemm_tflop_s"]})
-        del a, b
+        ceilings = measure_ceilings(emit, gemm_impl="cublas")
         torch.cuda.empty_cache()
 
     w13, w2 = make_weights(seed=1)
@@ -370,7 +281,7 @@ def main():
                 t = time_eager(lambda: torch_loop(hiddens[0], sets[0][0], sets[0][1], w13, w2))
                 emit({"case": name, "impl": "torch_loop", "us": t * 1e6, "mode": "eager",
                       "tb_s": weight_bytes / t / 1e12})
-            del sets, hiddens
+            sets = hiddens = None  # free before the next size
             torch.cuda.empty_cache()
 
     if "decode" in wanted:
@@ -416,30 +327,7 @@ def main():
             del ws
             torch.cuda.empty_cache()
 
-    print(f"\nresults appended to {results_path} (run {run_id})")
-    print(f"{'case':<20} {'impl':<24} {'time':>12} {'rate':>16} {'vs ceiling':>11} {'note':>26}")
-    for r in rows:
-        if "ms" in r or "us" in r:
-            t = f"{r['ms']:.3f} ms" if "ms" in r else f"{r['us']:.2f} us"
-            rate = (f"{r['tflop_s']:.0f} TFLOP/s" if "tflop_s" in r else
-                    f"{r['tb_s']:.3f} TB/s" if "tb_s" in r else "")
-            frac = r.get("fraction_of_copy", r.get("fraction_of_gemm_ceiling"))
-            frac = f"{frac:.0%}" if frac is not None else ""
-            note = ""
-            if "speedup_vs_torch_loop" in r:
-                note = (f"{r['speedup_vs_torch_loop']:.1f}x loop, "
-                        f"{r['fraction_of_cublas_dense']:.0%} cuBLAS")
-            elif "tile_rows" in r:
-                note = f"tile {r['tile_rows']}"
-            print(f"{r['case']:<20} {r['impl']:<24} {t:>12} {rate:>16} {frac:>11} {note:>26}")
-        elif "out_rel_rms" in r:
-            print(f"{r['case']:<20} {r['impl']:<24} out rel RMS {r['out_rel_rms']:.2e} vs fp64")
-        elif "ids_equal" in r:
-            print(f"{r['case']:<20} {r['impl']:<24} ids equal: {r['ids_equal']}, weights max "
-                  f"abs err {r['weights_max_abs_err']:.1e}")
-        elif r.get("status") == "mismatch":
-            print(f"{r['case']:<20} {r['impl']:<24} MISMATCH (rel RMS "
-                  f"{r['out_rel_rms_vs_fp32']:.2e}); not timed")
+    log.report(TABLE_COLUMNS, table_cells)
 
 
 if __name__ == "__main__":
