@@ -183,12 +183,13 @@ absl::StatusOr<std::unique_ptr<services::MetricsExporter>> StartWorkerMetrics(
 // The OpenAI-compatible HTTP API on `listen` (empty: off, null), talking to the router's own
 // Sessions service on `server` through an in-process channel.
 absl::StatusOr<std::unique_ptr<router::HttpApi>> StartHttpApi(
-    const std::string& listen, const std::string& model_name, grpc::Server* server,
-    router::Router* router, absl::Duration stop_grace, const char* role) {
+    const std::string& listen, const std::string& model_name, int max_inflight,
+    grpc::Server* server, router::Router* router, absl::Duration stop_grace, const char* role) {
   if (listen.empty()) return nullptr;
   router::HttpApiOptions options;
   options.listen = listen;
   options.model_name = model_name;
+  options.max_inflight = max_inflight;
   options.stop_grace = stop_grace;
   options.ready = [router] { return router->WaitForReady(absl::ZeroDuration()).ok(); };
   grpc::ChannelArguments args;
@@ -229,6 +230,7 @@ std::function<int()> AddServeCommand(CLI::App& app) {
   auto api_keys = std::make_shared<std::string>();
   auto http_listen = std::make_shared<std::string>("127.0.0.1:8080");
   auto model_name = std::make_shared<std::string>();
+  auto http_max_inflight = std::make_shared<int>(router::HttpApiOptions().max_inflight);
   AddWorkerFlags(cmd, flags.get(), /*with_store=*/false);
   cmd->add_option("--listen", *listen, "gRPC address of kls.v1.Sessions")->capture_default_str();
   cmd->add_option("--api-keys", *api_keys, "File of \"<key> <tenant>\" lines; none: open");
@@ -237,7 +239,11 @@ std::function<int()> AddServeCommand(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--served-model-name", *model_name,
                   "Model name of the HTTP API (default: the --model directory's name)");
-  return [flags, listen, api_keys, http_listen, model_name]() -> int {
+  cmd->add_option("--http-max-inflight", *http_max_inflight,
+                  "HTTP API requests running turns at once; more get 429")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  return [flags, listen, api_keys, http_listen, model_name, http_max_inflight]() -> int {
     BlockTerminationSignals();
     absl::StatusOr<std::unique_ptr<worker::Worker>> worker = MakeWorker(*flags);
     if (!worker.ok()) {
@@ -274,8 +280,8 @@ std::function<int()> AddServeCommand(CLI::App& app) {
             ? *model_name
             : std::filesystem::path(flags->model).lexically_normal().filename().string();
     absl::StatusOr<std::unique_ptr<router::HttpApi>> http =
-        StartHttpApi(*http_listen, served_name.empty() ? "kls" : served_name, server.get(),
-                     router->get(), absl::Seconds(flags->drain_timeout_s), "serve");
+        StartHttpApi(*http_listen, served_name.empty() ? "kls" : served_name, *http_max_inflight,
+                     server.get(), router->get(), absl::Seconds(flags->drain_timeout_s), "serve");
     if (!http.ok()) return Fail(http.status(), 1);
     std::fprintf(stderr, "kls serve: listening on %s (model %s, data %s)\n", listen->c_str(),
                  flags->model.c_str(), flags->data_dir.c_str());
@@ -332,7 +338,12 @@ std::function<int()> AddRouterCommand(CLI::App& app) {
                   "OpenAI-compatible HTTP API on HOST:PORT; empty (default): off");
   cmd->add_option("--served-model-name", *model_name, "Model name of the HTTP API")
       ->capture_default_str();
-  return [listen, workers, api_keys, http_listen, model_name]() -> int {
+  auto http_max_inflight = std::make_shared<int>(router::HttpApiOptions().max_inflight);
+  cmd->add_option("--http-max-inflight", *http_max_inflight,
+                  "HTTP API requests running turns at once; more get 429")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  return [listen, workers, api_keys, http_listen, model_name, http_max_inflight]() -> int {
     BlockTerminationSignals();
     router::RouterOptions options;
     options.workers = SplitList(*workers);
@@ -344,8 +355,9 @@ std::function<int()> AddRouterCommand(CLI::App& app) {
     int port = 0;
     std::unique_ptr<grpc::Server> server = BuildServer(*listen, {(*router)->service()}, &port);
     if (server == nullptr) return 1;
-    absl::StatusOr<std::unique_ptr<router::HttpApi>> http = StartHttpApi(
-        *http_listen, *model_name, server.get(), router->get(), absl::Seconds(10), "router");
+    absl::StatusOr<std::unique_ptr<router::HttpApi>> http =
+        StartHttpApi(*http_listen, *model_name, *http_max_inflight, server.get(), router->get(),
+                     absl::Seconds(10), "router");
     if (!http.ok()) return Fail(http.status(), 1);
     std::fprintf(stderr, "kls router: listening on %s\n", listen->c_str());
     WaitForSignal();

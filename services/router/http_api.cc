@@ -1,18 +1,23 @@
 #include "services/router/http_api.h"
 
+#include <arpa/inet.h>
+#include <dirent.h>
 #include <grpcpp/client_context.h>
 #include <grpcpp/support/client_callback.h>
 #include <httplib.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 
-#include <atomic>
-#include <chrono>
+#include <algorithm>
 #include <optional>
 #include <thread>
 #include <utility>
-#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/functional/function_ref.h"
 #include "absl/memory/memory.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -32,7 +37,12 @@ using openai::ApiError;
 using openai::Json;
 
 constexpr char kJson[] = "application/json";
+constexpr char kEventStream[] = "text/event-stream";
 constexpr char kSessionHeader[] = "X-KLS-Session";
+constexpr char kSseHeartbeat[] = ": keep-alive\n\n";
+// Ephemeral sessions (stateless chat completions, store=false responses) are deleted after their
+// request; the TTL bounds how long one outlives a failed delete or a router that died meanwhile.
+constexpr int64_t kEphemeralTtlSeconds = 300;
 
 int64_t NowSeconds() { return absl::ToUnixSeconds(absl::Now()); }
 
@@ -152,6 +162,81 @@ absl::StatusOr<std::pair<std::string, int>> SplitListen(const std::string& liste
   return std::make_pair(host, port);
 }
 
+// Whether the client of a request hung up, from its socket. cpp-httplib 0.11 (Debian 12) exposes
+// neither the socket nor Request::is_connection_closed (0.15+) to a handler, and a handler has
+// written nothing before it returns, so the socket is found once among the process's descriptors
+// by the request's addresses: a connection's 4-tuple is unique, and httplib closes the socket only
+// after the response (and its content provider) is gone, so the descriptor stays this
+// connection's for as long as the request is served. A client that shuts down only its sending
+// side counts as gone (HTTP clients do not). Copyable; Closed() is a non-blocking poll.
+class ClientConnection {
+ public:
+  static ClientConnection Of(const httplib::Request& req) {
+    DIR* dir = opendir("/proc/self/fd");
+    if (dir == nullptr) return ClientConnection(-1);
+    int found = -1;
+    while (const dirent* entry = readdir(dir)) {
+      int fd = -1;
+      if (!absl::SimpleAtoi(entry->d_name, &fd) || fd == dirfd(dir)) continue;
+      std::optional<Endpoint> peer = EndpointOf(fd, getpeername);
+      if (!peer.has_value() || peer->port != req.remote_port || peer->host != req.remote_addr) {
+        continue;
+      }
+      std::optional<Endpoint> local = EndpointOf(fd, getsockname);
+      if (local.has_value() && local->port == req.local_port &&
+          (req.local_addr.empty() || local->host == req.local_addr)) {
+        found = fd;
+        break;
+      }
+    }
+    closedir(dir);
+    if (found < 0) {
+      KLS_LOG(WARNING) << "http: the socket of " << req.remote_addr << ":" << req.remote_port
+                       << " was not found; its disconnect is noticed only by a failed write";
+    }
+    return ClientConnection(found);
+  }
+
+  // True once the peer closed or reset the connection; false while it is open or unknown.
+  bool Closed() const {
+    if (fd_ < 0) return false;
+    pollfd p{fd_, POLLIN | POLLRDHUP, 0};
+    if (poll(&p, 1, 0) <= 0) return false;
+    return (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0;
+  }
+
+ private:
+  struct Endpoint {
+    std::string host;  // numeric, as httplib writes Request::remote_addr
+    int port = -1;
+  };
+
+  explicit ClientConnection(int fd) : fd_(fd) {}
+
+  static std::optional<Endpoint> EndpointOf(int fd, int (*name)(int, sockaddr*, socklen_t*)) {
+    sockaddr_storage addr{};
+    socklen_t length = sizeof(addr);
+    if (name(fd, reinterpret_cast<sockaddr*>(&addr), &length) != 0) return std::nullopt;
+    Endpoint e;
+    if (addr.ss_family == AF_INET) {
+      e.port = ntohs(reinterpret_cast<const sockaddr_in*>(&addr)->sin_port);
+    } else if (addr.ss_family == AF_INET6) {
+      e.port = ntohs(reinterpret_cast<const sockaddr_in6*>(&addr)->sin6_port);
+    } else {
+      return std::nullopt;
+    }
+    char host[NI_MAXHOST] = {};
+    if (getnameinfo(reinterpret_cast<const sockaddr*>(&addr), length, host, sizeof(host), nullptr,
+                    0, NI_NUMERICHOST) != 0) {
+      return std::nullopt;
+    }
+    e.host = host;
+    return e;
+  }
+
+  int fd_;
+};
+
 }  // namespace
 
 class HttpApi::Impl {
@@ -167,12 +252,13 @@ class HttpApi::Impl {
 
   absl::Status Start() {
     KLS_ASSIGN_OR_RETURN(auto address, SplitListen(options_.listen));
-    const int threads = options_.threads;
+    // A running turn holds its handler's thread, so turns alone never take the whole pool.
+    const int threads = options_.max_inflight + options_.threads;
     server_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
     server_.set_payload_max_length(options_.max_body_bytes);
     server_.set_keep_alive_timeout(2);  // bounds how long Stop waits for idle connections
     server_.set_error_handler([](const httplib::Request&, httplib::Response& res) {
-      if (!res.body.empty()) return;
+      if (!res.body.empty() || res.status == 499) return;
       ApiError e;
       e.http_status = res.status;
       e.type = res.status >= 500 ? "server_error" : "invalid_request_error";
@@ -293,16 +379,17 @@ class HttpApi::Impl {
     return false;
   }
 
-  void Prepare(const httplib::Request& req, grpc::ClientContext* context) const {
-    const std::string authorization = req.get_header_value("Authorization");
+  // ---- Sessions calls (unary, with the client's credentials and rpc_timeout) --------------------
+
+  void Prepare(const std::string& authorization, grpc::ClientContext* context) const {
     if (!authorization.empty()) context->AddMetadata("authorization", authorization);
     context->set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
   }
 
-  absl::StatusOr<kls::v1::Session> GetSession(const httplib::Request& req,
+  absl::StatusOr<kls::v1::Session> GetSession(const std::string& authorization,
                                               const std::string& session_id, bool turns) {
     grpc::ClientContext context;
-    Prepare(req, &context);
+    Prepare(authorization, &context);
     kls::v1::GetSessionRequest request;
     request.set_session_id(session_id);
     request.set_include_turns(turns);
@@ -311,25 +398,31 @@ class HttpApi::Impl {
     return session;
   }
 
-  absl::StatusOr<kls::v1::Session> CreateSession(const httplib::Request& req,
-                                                 const std::string& session_id) {
+  // `ttl_seconds` 0: no expiry.
+  absl::StatusOr<kls::v1::Session> CreateSession(const std::string& authorization,
+                                                 const std::string& session_id,
+                                                 int64_t ttl_seconds) {
     grpc::ClientContext context;
-    Prepare(req, &context);
+    Prepare(authorization, &context);
     kls::v1::CreateSessionRequest request;
     request.set_session_id(session_id);
+    request.set_ttl_seconds(ttl_seconds);
     kls::v1::Session session;
     KLS_RETURN_IF_ERROR(
         services::FromGrpcStatus(stub_->CreateSession(&context, request, &session)));
     return session;
   }
 
-  absl::StatusOr<kls::v1::Session> ForkSession(const httplib::Request& req,
-                                               const std::string& session_id, uint64_t version) {
+  // `ttl_seconds` 0: the source's.
+  absl::StatusOr<kls::v1::Session> ForkSession(const std::string& authorization,
+                                               const std::string& session_id, uint64_t version,
+                                               int64_t ttl_seconds) {
     grpc::ClientContext context;
-    Prepare(req, &context);
+    Prepare(authorization, &context);
     kls::v1::ForkSessionRequest request;
     request.set_session_id(session_id);
     request.set_version(version);
+    request.set_ttl_seconds(ttl_seconds);
     kls::v1::Session session;
     KLS_RETURN_IF_ERROR(services::FromGrpcStatus(stub_->ForkSession(&context, request, &session)));
     return session;
@@ -337,8 +430,7 @@ class HttpApi::Impl {
 
   absl::Status DeleteSession(const std::string& authorization, const std::string& session_id) {
     grpc::ClientContext context;
-    if (!authorization.empty()) context.AddMetadata("authorization", authorization);
-    context.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
+    Prepare(authorization, &context);
     kls::v1::DeleteSessionRequest request;
     request.set_session_id(session_id);
     kls::v1::DeleteSessionResponse response;
@@ -346,7 +438,7 @@ class HttpApi::Impl {
   }
 
   // Deletes an ephemeral session. A cancelled turn may still be unwinding on the worker
-  // (ABORTED: busy), so that is retried briefly.
+  // (ABORTED: busy), so that is retried briefly; what is left expires (kEphemeralTtlSeconds).
   void DeleteEphemeral(const std::string& authorization, const std::string& session_id) {
     absl::Duration backoff = absl::Milliseconds(5);
     for (int attempt = 0; attempt < 8; ++attempt) {
@@ -362,22 +454,51 @@ class HttpApi::Impl {
     KLS_LOG(WARNING) << "http: ephemeral session " << session_id << " still busy; not deleted";
   }
 
-  // ---- Turns ------------------------------------------------------------------------------------
+  // ---- Admission --------------------------------------------------------------------------------
 
-  // What a finished turn produces, formatted by the endpoint.
-  struct TurnOutput {
-    std::string text;
-    kls::v1::GenerateResponse final;
+  // One of the max_inflight turn slots, released on destruction.
+  class Slot {
+   public:
+    explicit Slot(Impl* impl) : impl_(impl) {}
+    ~Slot() {
+      absl::MutexLock lock(&impl_->mu_);
+      --impl_->inflight_;
+    }
+    Slot(const Slot&) = delete;
+    Slot& operator=(const Slot&) = delete;
+
+   private:
+    Impl* const impl_;
   };
 
-  // One running turn: the call, the ephemeral session to delete afterwards, and the registry
-  // entry that lets Stop cancel it. Destroyed on the HTTP thread that ran the request.
+  // A slot, or null (after answering 429) when max_inflight turns are running.
+  std::unique_ptr<Slot> Admit(httplib::Response& res) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (inflight_ < options_.max_inflight) {
+        ++inflight_;
+        return std::make_unique<Slot>(this);
+      }
+    }
+    res.set_header("Retry-After", "1");
+    SendStatus(res, absl::ResourceExhaustedError(
+                        absl::StrCat("this server is already running ", options_.max_inflight,
+                                     " requests (--http-max-inflight); retry later")));
+    return nullptr;
+  }
+
+  // ---- Turns ------------------------------------------------------------------------------------
+
+  // One running turn: its admission slot, the call, the ephemeral session to delete afterwards,
+  // and the registry entry that lets Stop cancel it. Destroyed once the reply has been written
+  // (the last owner is the reply's content provider), so the slot is held until then.
   struct Turn {
     Impl* impl = nullptr;
+    std::unique_ptr<Slot> slot;
     std::string authorization;
     std::string ephemeral_session;  // empty: keep the session
     std::unique_ptr<GenerateCall> call;
-    std::string text;  // text read but not yet handed to the formatter
+    std::string text;  // text read but not yet handed on
 
     ~Turn() {
       if (call != nullptr) {
@@ -398,70 +519,126 @@ class HttpApi::Impl {
     calls_.erase(call);
   }
 
-  std::shared_ptr<Turn> StartTurn(const httplib::Request& req, kls::v1::GenerateRequest request,
-                                  std::string ephemeral_session) {
+  std::shared_ptr<Turn> StartTurn(std::unique_ptr<Slot> slot, const std::string& authorization,
+                                  kls::v1::GenerateRequest request, std::string ephemeral_session) {
     auto turn = std::make_shared<Turn>();
     turn->impl = this;
-    turn->authorization = req.get_header_value("Authorization");
+    turn->slot = std::move(slot);
+    turn->authorization = authorization;
     turn->ephemeral_session = std::move(ephemeral_session);
-    turn->call =
-        std::make_unique<GenerateCall>(stub_.get(), std::move(request), turn->authorization);
+    turn->call = std::make_unique<GenerateCall>(stub_.get(), std::move(request), authorization);
     Register(turn->call.get());
     return turn;
   }
 
-  // Serves a started turn: waits for its first text (or its end, so errors before any token get
-  // their HTTP status), then sends the reply. `format` receives text deltas and, once, the end;
-  // it returns the bytes to write. For non-streaming replies it returns nothing until the end.
-  // `content_type` is the reply's; `heartbeat` is written while no text comes.
-  using Formatter = std::function<std::string(std::string_view delta, const TurnOutput* done)>;
-  void Serve(httplib::Response& res, std::shared_ptr<Turn> turn, const char* content_type,
-             std::string heartbeat, std::string prologue, Formatter format) {
-    GenerateCall::Wait first;
-    do {
-      first = turn->call->Next(absl::Seconds(1), &turn->text);
-    } while (first == GenerateCall::Wait::kTimeout);
-    if (first == GenerateCall::Wait::kDone && !turn->call->status().ok()) {
-      return SendStatus(res, services::FromGrpcStatus(turn->call->status()));
+  // The status a finished call reports to the client; a turn cancelled by Stop says so.
+  absl::Status TurnStatus(const GenerateCall& call) {
+    const grpc::Status status = call.status();
+    if (status.error_code() == grpc::StatusCode::CANCELLED) {
+      absl::MutexLock lock(&mu_);
+      if (stopped_) {
+        return absl::UnavailableError(
+            "the server is shutting down: the turn was cancelled and rolled back");
+      }
+    }
+    return services::FromGrpcStatus(status);
+  }
+
+  // Waits for the turn's first text (or its end) when `first_text`, else for its end, moving
+  // text into turn.text. Every heartbeat it checks whether the client hung up; then it cancels
+  // the turn (the worker rolls it back) and returns false.
+  bool Await(Turn& turn, const ClientConnection& client, bool first_text) {
+    absl::Time checked = absl::Now();
+    while (true) {
+      const GenerateCall::Wait wait = turn.call->Next(options_.heartbeat, &turn.text);
+      if (wait == GenerateCall::Wait::kDone) return true;
+      if (first_text && wait == GenerateCall::Wait::kText) return true;
+      if (const absl::Time now = absl::Now(); now - checked >= options_.heartbeat) {
+        checked = now;
+        if (client.Closed()) {
+          turn.call->Cancel();
+          return false;
+        }
+      }
+    }
+  }
+
+  // Nobody reads it; httplib's log and error handler still see a status.
+  static void ClientGone(httplib::Response& res) {
+    res.status = 499;
+    res.set_content("", kJson);
+  }
+
+  // A non-streaming reply: the whole turn, then the status line and the body — so every error
+  // gets its HTTP status. `body` builds the JSON of a finished turn.
+  using BodyBuilder =
+      absl::FunctionRef<Json(const ParsedReply& reply, const kls::v1::GenerateResponse& final)>;
+  void ServeWhole(httplib::Response& res, std::shared_ptr<Turn> turn,
+                  const ClientConnection& client, bool tools, BodyBuilder body) {
+    if (!Await(*turn, client, /*first_text=*/false)) return ClientGone(res);
+    if (absl::Status s = TurnStatus(*turn->call); !s.ok()) return SendStatus(res, s);
+    auto bytes = std::make_shared<const std::string>(
+        openai::Dump(body(ParseReply(turn->text, tools), turn->call->final())));
+    res.status = 200;
+    // The turn (its ephemeral session's delete, its slot) goes when the body has been written.
+    res.set_content_provider(
+        bytes->size(), kJson,
+        [bytes](size_t offset, size_t length, httplib::DataSink& sink) {
+          return sink.write(bytes->data() + offset, length);
+        },
+        [turn = std::move(turn)](bool) mutable { turn.reset(); });
+  }
+
+  // A streamed reply: the status line goes out with the first text (errors before it get their
+  // HTTP status), then the stream's events; an SSE comment whenever nothing was written for a
+  // heartbeat; the client is checked every heartbeat. A failure after the status line ends the
+  // stream with the API's error event.
+  void ServeStream(httplib::Response& res, std::shared_ptr<Turn> turn,
+                   const ClientConnection& client, std::shared_ptr<openai::EventStream> stream) {
+    if (!Await(*turn, client, /*first_text=*/true)) return ClientGone(res);
+    if (turn->text.empty()) {  // the call ended before any text
+      if (absl::Status s = TurnStatus(*turn->call); !s.ok()) return SendStatus(res, s);
     }
     res.status = 200;
-    if (std::string_view(content_type) == "text/event-stream") {
-      res.set_header("Cache-Control", "no-cache");
-    }
+    res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
-        content_type, [this, turn, sse = std::string_view(content_type) == "text/event-stream",
-                       heartbeat = std::move(heartbeat), prologue = std::move(prologue),
-                       format = std::move(format)](size_t, httplib::DataSink& sink) mutable {
+        kEventStream, [this, turn, client, stream](size_t, httplib::DataSink& sink) {
+          absl::Time written = absl::Now(), checked = written;
           auto write = [&](const std::string& bytes) {
             if (bytes.empty()) return true;
-            if (sink.write(bytes.data(), bytes.size())) return true;
-            turn->call->Cancel();  // the client is gone: roll the turn back
-            return false;
+            if (!sink.write(bytes.data(), bytes.size())) {
+              turn->call->Cancel();  // the client is gone: roll the turn back
+              return false;
+            }
+            written = absl::Now();
+            return true;
           };
-          if (!write(prologue)) return false;
+          if (!write(stream->OnStart())) return false;
           while (true) {
             if (!turn->text.empty()) {
-              std::string delta = std::move(turn->text);
-              turn->text.clear();
-              if (!write(format(delta, nullptr))) return false;
+              const std::string delta = std::exchange(turn->text, std::string());
+              if (!write(stream->OnText(delta))) return false;
             }
-            const GenerateCall::Wait wait = turn->call->Next(options_.heartbeat, &turn->text);
-            if (wait == GenerateCall::Wait::kTimeout) {
-              if (!write(heartbeat)) return false;
-            } else if (wait == GenerateCall::Wait::kDone && turn->text.empty()) {
-              break;
+            const absl::Duration idle = absl::Now() - written;
+            const GenerateCall::Wait wait = turn->call->Next(
+                std::max(options_.heartbeat - idle, absl::Milliseconds(1)), &turn->text);
+            if (wait == GenerateCall::Wait::kDone) break;
+            // Tokens may keep coming while nothing is written (held-back tool calls).
+            const absl::Time now = absl::Now();
+            if (now - written >= options_.heartbeat && !write(kSseHeartbeat)) return false;
+            if (now - checked >= options_.heartbeat) {
+              checked = now;
+              if (client.Closed()) {
+                turn->call->Cancel();
+                return false;
+              }
             }
           }
-          const grpc::Status status = turn->call->status();
-          if (status.ok()) {
-            TurnOutput output;
-            output.final = turn->call->final();
-            write(format("", &output));
+          if (absl::Status s = TurnStatus(*turn->call); s.ok()) {
+            const kls::v1::GenerateResponse& final = turn->call->final();
+            write(stream->OnFinish(final.finish_reason(), openai::UsageFromKls(final.usage())));
           } else {
-            // Headers are gone: the error travels in the body, as OpenAI streams do.
-            const ApiError e = openai::ErrorFromStatus(services::FromGrpcStatus(status));
-            write(sse ? absl::StrCat("data: ", openai::ErrorBody(e), "\n\n")
-                      : openai::ErrorBody(e));
+            write(stream->OnError(openai::ErrorFromStatus(s)));
           }
           sink.done();
           return true;
@@ -472,11 +649,14 @@ class HttpApi::Impl {
 
   void Chat(const httplib::Request& req, httplib::Response& res) {
     if (!Authorized(req, res)) return;
+    std::unique_ptr<Slot> slot = Admit(res);
+    if (slot == nullptr) return;
     absl::StatusOr<openai::ChatCompletionRequest> parsed =
         openai::ParseChatCompletionRequest(req.body);
     if (!parsed.ok()) return SendStatus(res, parsed.status());
     openai::ChatCompletionRequest& r = *parsed;
     if (r.model != options_.model_name) return SendError(res, UnknownModel(r.model));
+    const std::string authorization = req.get_header_value("Authorization");
 
     kls::v1::GenerateRequest generate;
     *generate.mutable_sampling() = r.sampling;
@@ -487,8 +667,10 @@ class HttpApi::Impl {
       if (absl::Status s = services::ValidateSessionId(kSessionHeader, session_id); !s.ok()) {
         return SendStatus(res, s);
       }
-      absl::StatusOr<kls::v1::Session> session = GetSession(req, session_id, false);
-      if (absl::IsNotFound(session.status())) session = CreateSession(req, session_id);
+      absl::StatusOr<kls::v1::Session> session = GetSession(authorization, session_id, false);
+      if (absl::IsNotFound(session.status())) {
+        session = CreateSession(authorization, session_id, /*ttl_seconds=*/0);
+      }
       if (!session.ok()) return SendStatus(res, session.status());
       const std::map<std::string, std::string> metadata(session->metadata().begin(),
                                                         session->metadata().end());
@@ -503,66 +685,59 @@ class HttpApi::Impl {
       }
       generate.set_commit(kls::v1::COMMIT_POLICY_SYNC);
     } else {
-      absl::StatusOr<kls::v1::Session> session = CreateSession(req, "");
+      absl::StatusOr<kls::v1::Session> session =
+          CreateSession(authorization, "", kEphemeralTtlSeconds);
       if (!session.ok()) return SendStatus(res, session.status());
       ephemeral = session->session_id();
       generate.set_session_id(ephemeral);
       for (kls::v1::Message& m : r.messages) *generate.add_messages() = std::move(m);
       generate.set_commit(kls::v1::COMMIT_POLICY_NONE);
     }
-    std::shared_ptr<Turn> turn = StartTurn(req, std::move(generate), std::move(ephemeral));
+    const ClientConnection client = ClientConnection::Of(req);
+    std::shared_ptr<Turn> turn =
+        StartTurn(std::move(slot), authorization, std::move(generate), std::move(ephemeral));
     const std::string id = absl::StrCat("chatcmpl-", services::NewSessionId());
     const int64_t created = NowSeconds();
-    const bool tools = r.tools;
     if (r.stream) {
-      auto stream = std::make_shared<openai::ChatStream>(id, created, options_.model_name, tools,
-                                                         r.include_usage);
-      return Serve(res, std::move(turn), "text/event-stream", ": keep-alive\n\n", "",
-                   [stream](std::string_view delta, const TurnOutput* done) {
-                     if (done == nullptr) return stream->OnText(delta);
-                     return stream->OnFinish(done->final.finish_reason(),
-                                             openai::UsageFromKls(done->final.usage()));
-                   });
+      return ServeStream(res, std::move(turn), client,
+                         std::make_shared<openai::ChatStream>(id, created, options_.model_name,
+                                                              r.tools, r.include_usage));
     }
-    auto text = std::make_shared<std::string>();
-    Serve(res, std::move(turn), kJson, " ", "",
-          [this, text, id, created, tools](std::string_view delta, const TurnOutput* done) {
-            text->append(delta);
-            if (done == nullptr) return std::string();
-            ParsedReply reply;
-            if (tools) {
-              reply = ParseKimiToolCalls(*text);
-            } else {
-              reply.content = *text;
-            }
-            return openai::Dump(openai::ChatCompletionJson(
-                id, created, options_.model_name, reply, done->final.finish_reason(),
-                openai::UsageFromKls(done->final.usage())));
-          });
+    ServeWhole(res, std::move(turn), client, r.tools,
+               [&](const ParsedReply& reply, const kls::v1::GenerateResponse& final) {
+                 return openai::ChatCompletionJson(id, created, options_.model_name, reply,
+                                                   final.finish_reason(),
+                                                   openai::UsageFromKls(final.usage()));
+               });
   }
 
   // ---- /v1/responses ----------------------------------------------------------------------------
 
   void CreateResponse(const httplib::Request& req, httplib::Response& res) {
     if (!Authorized(req, res)) return;
+    std::unique_ptr<Slot> slot = Admit(res);
+    if (slot == nullptr) return;
     absl::StatusOr<openai::ResponsesRequest> parsed = openai::ParseResponsesRequest(req.body);
     if (!parsed.ok()) return SendStatus(res, parsed.status());
     openai::ResponsesRequest& r = *parsed;
     if (r.model != options_.model_name) return SendError(res, UnknownModel(r.model));
+    const std::string authorization = req.get_header_value("Authorization");
 
-    // The session the turn runs on and the version it continues.
+    // The session the turn runs on and the version it continues. A session made here for
+    // store=false is ephemeral: deleted afterwards, and expiring in case that fails.
+    const int64_t ttl = r.store ? 0 : kEphemeralTtlSeconds;
     std::string target;
     uint64_t version = 0;
     bool made_here = false;  // created or forked by this request
     if (r.previous_response_id.empty()) {
-      absl::StatusOr<kls::v1::Session> session = CreateSession(req, "");
+      absl::StatusOr<kls::v1::Session> session = CreateSession(authorization, "", ttl);
       if (!session.ok()) return SendStatus(res, session.status());
       target = session->session_id();
       made_here = true;
     } else {
       absl::StatusOr<openai::ResponseRef> ref = openai::DecodeResponseId(r.previous_response_id);
       if (!ref.ok()) return SendStatus(res, ref.status());
-      absl::StatusOr<kls::v1::Session> session = GetSession(req, ref->session_id, false);
+      absl::StatusOr<kls::v1::Session> session = GetSession(authorization, ref->session_id, false);
       if (absl::IsNotFound(session.status()) ||
           (session.ok() && session->version() < ref->version)) {
         return SendStatus(res, absl::NotFoundError(absl::StrCat(
@@ -574,13 +749,16 @@ class HttpApi::Impl {
         version = ref->version;
       } else {
         // An older response (or one not to be stored on): a fork at that version.
-        absl::StatusOr<kls::v1::Session> fork = ForkSession(req, ref->session_id, ref->version);
+        absl::StatusOr<kls::v1::Session> fork =
+            ForkSession(authorization, ref->session_id, ref->version, ttl);
         if (!fork.ok()) return SendStatus(res, fork.status());
         target = fork->session_id();
         version = fork->version();
         made_here = true;
       }
     }
+    // The turn commits `version` + 1 or fails (expected_version): a request that lost a race for
+    // the same latest response gets 409, and the id names exactly the version this turn made.
     openai::ResponseHeader header;
     header.id = openai::EncodeResponseId({target, version + 1});
     header.created_at = NowSeconds();
@@ -601,40 +779,27 @@ class HttpApi::Impl {
     generate.set_expected_version(version);
     std::string ephemeral;
     if (r.store) {
-      generate.set_request_id(header.id);  // GET /v1/responses/{id} reads the recorded turn
+      // Recorded with the session, for GET (which matches the version). Unique per request: an
+      // id shared by racing requests would replay the winner's turn to the loser.
+      generate.set_request_id(absl::StrCat("http_", services::NewSessionId()));
       generate.set_commit(kls::v1::COMMIT_POLICY_SYNC);
     } else {
       generate.set_commit(kls::v1::COMMIT_POLICY_NONE);
       if (made_here) ephemeral = target;
     }
-    std::shared_ptr<Turn> turn = StartTurn(req, std::move(generate), std::move(ephemeral));
-    const bool tools = r.tools;
+    const ClientConnection client = ClientConnection::Of(req);
+    std::shared_ptr<Turn> turn =
+        StartTurn(std::move(slot), authorization, std::move(generate), std::move(ephemeral));
     if (r.stream) {
-      auto stream = std::make_shared<openai::ResponsesStream>(header, tools);
-      const std::string start = stream->OnStart();
-      return Serve(res, std::move(turn), "text/event-stream", ": keep-alive\n\n", start,
-                   [stream](std::string_view delta, const TurnOutput* done) {
-                     if (done == nullptr) return stream->OnText(delta);
-                     return stream->OnFinish(done->final.finish_reason(),
-                                             openai::UsageFromKls(done->final.usage()));
-                   });
+      return ServeStream(res, std::move(turn), client,
+                         std::make_shared<openai::ResponsesStream>(header, r.tools));
     }
-    auto text = std::make_shared<std::string>();
-    Serve(
-        res, std::move(turn), kJson, " ", "",
-        [header, text, tools](std::string_view delta, const TurnOutput* done) {
-          text->append(delta);
-          if (done == nullptr) return std::string();
-          ParsedReply reply;
-          if (tools) {
-            reply = ParseKimiToolCalls(*text);
-          } else {
-            reply.content = *text;
-          }
-          return openai::Dump(openai::ResponseJson(
-              header, openai::ResponseStatus(done->final.finish_reason()),
-              openai::ResponseOutput(header.id, reply), openai::UsageFromKls(done->final.usage())));
-        });
+    ServeWhole(res, std::move(turn), client, r.tools,
+               [&](const ParsedReply& reply, const kls::v1::GenerateResponse& final) {
+                 return openai::ResponseJson(header, openai::ResponseStatus(final.finish_reason()),
+                                             openai::ResponseOutput(header.id, reply),
+                                             openai::UsageFromKls(final.usage()));
+               });
   }
 
   // GET returns the recorded turn (its text comes from the session's recent turn results, which
@@ -643,7 +808,8 @@ class HttpApi::Impl {
     if (!Authorized(req, res)) return;
     absl::StatusOr<openai::ResponseRef> ref = openai::DecodeResponseId(id);
     if (!ref.ok()) return SendStatus(res, ref.status());
-    absl::StatusOr<kls::v1::Session> session = GetSession(req, ref->session_id, true);
+    absl::StatusOr<kls::v1::Session> session =
+        GetSession(req.get_header_value("Authorization"), ref->session_id, true);
     if (absl::IsNotFound(session.status()) || (session.ok() && session->version() < ref->version)) {
       return SendStatus(res, absl::NotFoundError(absl::StrCat("response '", id, "' not found")));
     }
@@ -662,8 +828,9 @@ class HttpApi::Impl {
     } else if (ref->version > 1) {
       header.previous_response_id = openai::EncodeResponseId({ref->session_id, ref->version - 1});
     }
+    // One turn commits each version of a session, so the version finds the response.
     for (const kls::v1::TurnResult& turn : session->recent_turns()) {
-      if (turn.version() != ref->version || turn.request_id() != id) continue;
+      if (turn.version() != ref->version) continue;
       const ParsedReply reply = ParseKimiToolCalls(turn.text());
       openai::TurnUsage usage;
       usage.completion_tokens = turn.completion_tokens();
@@ -681,13 +848,13 @@ class HttpApi::Impl {
     if (!Authorized(req, res)) return;
     absl::StatusOr<openai::ResponseRef> ref = openai::DecodeResponseId(id);
     if (!ref.ok()) return SendStatus(res, ref.status());
-    absl::StatusOr<kls::v1::Session> session = GetSession(req, ref->session_id, false);
+    const std::string authorization = req.get_header_value("Authorization");
+    absl::StatusOr<kls::v1::Session> session = GetSession(authorization, ref->session_id, false);
     if (absl::IsNotFound(session.status()) || (session.ok() && session->version() < ref->version)) {
       return SendStatus(res, absl::NotFoundError(absl::StrCat("response '", id, "' not found")));
     }
     if (!session.ok()) return SendStatus(res, session.status());
-    if (absl::Status s = DeleteSession(req.get_header_value("Authorization"), ref->session_id);
-        !s.ok()) {
+    if (absl::Status s = DeleteSession(authorization, ref->session_id); !s.ok()) {
       return SendStatus(res, s);
     }
     SendJson(res, {{"id", id}, {"object", "response"}, {"deleted", true}});
@@ -703,6 +870,7 @@ class HttpApi::Impl {
 
   absl::Mutex mu_;
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;
+  int inflight_ ABSL_GUARDED_BY(mu_) = 0;  // admitted turns (Slots)
   absl::flat_hash_set<GenerateCall*> calls_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -715,6 +883,10 @@ absl::StatusOr<std::unique_ptr<HttpApi>> HttpApi::Start(const HttpApiOptions& op
   if (options.threads < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("http threads must be >= 1, got ", options.threads));
+  }
+  if (options.max_inflight < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("http max in-flight requests must be >= 1, got ", options.max_inflight));
   }
   auto impl = std::make_unique<Impl>(options, std::move(channel), api_keys);
   KLS_RETURN_IF_ERROR(impl->Start());

@@ -13,10 +13,16 @@
 // Request/response mapping, errors and event streams are in openai_protocol.h.
 //
 // Threads: cpp-httplib serves each connection on a pool thread; a handler blocks that thread on
-// unary RPCs and waits for a turn's tokens, which a gRPC callback reactor delivers. While a turn
-// runs, the reply is sent chunked and written at least every `heartbeat` (SSE comments, or JSON
-// whitespace before a non-streaming body), so a client that went away is noticed and the turn is
-// cancelled (rolled back).
+// unary RPCs and waits for a turn's tokens, which a gRPC callback reactor delivers. At most
+// `max_inflight` turns run at once (more get 429 at once instead of queueing); the pool has
+// max_inflight + `threads` threads, so running turns never starve the other endpoints.
+//
+// While a turn runs, its handler checks every `heartbeat` whether the client hung up (its
+// socket) and then cancels the turn, which the worker rolls back. A non-streaming reply is sent
+// whole, status line included, when the turn has ended, so every error gets its HTTP status. A
+// stream's status line goes out with its first text (earlier errors get their status); then an
+// SSE comment is written whenever nothing was for `heartbeat`, and a failure ends the stream with
+// the API's error event (response.failed, or a chat error chunk).
 #ifndef KLS_SERVICES_ROUTER_HTTP_API_H_
 #define KLS_SERVICES_ROUTER_HTTP_API_H_
 
@@ -37,7 +43,8 @@ struct HttpApiOptions {
   std::string listen = "127.0.0.1:8080";     // HOST:PORT; port 0 picks a free one
   std::string model_name = "kls";            // the one model /v1/models lists and requests name
   size_t max_body_bytes = size_t{16} << 20;  // larger requests get 413
-  int threads = 64;                          // concurrent connections served
+  int max_inflight = 256;  // turns (chat completions, responses) running at once; more get 429
+  int threads = 32;        // connections served besides the running turns
   absl::Duration rpc_timeout = absl::Seconds(30);      // deadline of the unary Sessions calls
   absl::Duration heartbeat = absl::Milliseconds(500);  // see the file comment
   absl::Duration stop_grace = absl::Seconds(10);       // Stop: in-flight turns then get cancelled
@@ -49,7 +56,7 @@ class HttpApi {
  public:
   // Binds the port and starts serving. `api_keys` (may be null: open) answers 401 before any
   // RPC; it must outlive the HttpApi. INVALID_ARGUMENT for a bad listen address or model name,
-  // UNAVAILABLE when the port cannot be bound.
+  // threads or max_inflight < 1; UNAVAILABLE when the port cannot be bound.
   static absl::StatusOr<std::unique_ptr<HttpApi>> Start(const HttpApiOptions& options,
                                                         std::shared_ptr<grpc::Channel> channel,
                                                         const ApiKeys* api_keys);

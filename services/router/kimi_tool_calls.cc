@@ -78,4 +78,29 @@ size_t StreamableContentBytes(std::string_view text) {
   return text.size();
 }
 
+ParsedReply ParseReply(std::string_view text, bool tools) {
+  if (tools) return ParseKimiToolCalls(text);
+  ParsedReply reply;
+  reply.content = std::string(text);
+  return reply;
+}
+
+std::string StreamingReply::Append(std::string_view delta) {
+  text_.append(delta);
+  const size_t ready = tools_ ? StreamableContentBytes(text_) : text_.size();
+  if (ready <= sent_) return "";
+  std::string out = text_.substr(sent_, ready - sent_);
+  sent_ = ready;
+  return out;
+}
+
+ParsedReply StreamingReply::Finish(std::string* rest) {
+  ParsedReply reply = ParseReply(text_, tools_);
+  // The content is a prefix of the text that covers what was sent (the sent part stops before
+  // the section marker, and without calls the content is the whole text).
+  rest->assign(reply.content.size() > sent_ ? reply.content.substr(sent_) : "");
+  sent_ = std::max(sent_, reply.content.size());
+  return reply;
+}
+
 }  // namespace kls::router

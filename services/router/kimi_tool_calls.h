@@ -44,6 +44,27 @@ ParsedReply ParseKimiToolCalls(std::string_view text);
 // before the section marker, less a trailing piece that may still grow into the marker.
 size_t StreamableContentBytes(std::string_view text);
 
+// A finished reply: with `tools`, ParseKimiToolCalls; without, all of it is content (the worker
+// spelled out no markers).
+ParsedReply ParseReply(std::string_view text, bool tools);
+
+// A reply as it streams in, for the event streams of both APIs: Append returns the content that
+// can be sent now (with tools, content stops before the tool-call section and a possible partial
+// marker is held back); Finish parses the whole reply and returns, in *rest, the content not yet
+// returned (a held-back prefix when no call followed). Every byte of the final content is
+// returned exactly once, in order. Thread-compatible.
+class StreamingReply {
+ public:
+  explicit StreamingReply(bool tools) : tools_(tools) {}
+  std::string Append(std::string_view delta);
+  ParsedReply Finish(std::string* rest);
+
+ private:
+  const bool tools_;
+  std::string text_;
+  size_t sent_ = 0;  // bytes of text_ returned as content
+};
+
 // The function name in a Kimi tool-call id: "functions.get_weather:0" -> "get_weather" (the part
 // before ":<digits>", without a "functions." prefix); empty when the id has no such form.
 std::string ToolNameFromCallId(std::string_view id);

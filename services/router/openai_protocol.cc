@@ -69,9 +69,64 @@ absl::StatusOr<std::optional<int64_t>> IntegerField(const Json& object, const ch
   return std::optional<int64_t>(value->get<int64_t>());
 }
 
+// nlohmann's DOM builder behind a filter that stops the parse at the first array or object
+// nested deeper than kMaxJsonDepth, before it is built: parsing is iterative, but dump(), copies
+// and comparisons of the result recurse once per level. (nlohmann's public parser callback can
+// only discard a value, not stop, so a body of 16 MiB of '[' would still cost a pointer per
+// level.) json_sax_dom_parser is the builder Json::parse itself uses.
+class DepthLimitedDom {
+ public:
+  explicit DepthLimitedDom(Json* root) : dom_(*root, /*allow_exceptions_=*/false) {}
+
+  bool null() { return dom_.null(); }
+  bool boolean(bool value) { return dom_.boolean(value); }
+  bool number_integer(Json::number_integer_t value) { return dom_.number_integer(value); }
+  bool number_unsigned(Json::number_unsigned_t value) { return dom_.number_unsigned(value); }
+  bool number_float(Json::number_float_t value, const Json::string_t& text) {
+    return dom_.number_float(value, text);
+  }
+  bool string(Json::string_t& value) { return dom_.string(value); }
+  bool binary(Json::binary_t& value) { return dom_.binary(value); }
+  bool start_object(std::size_t size) { return Enter() && dom_.start_object(size); }
+  bool key(Json::string_t& key) { return dom_.key(key); }
+  bool end_object() {
+    --depth_;
+    return dom_.end_object();
+  }
+  bool start_array(std::size_t size) { return Enter() && dom_.start_array(size); }
+  bool end_array() {
+    --depth_;
+    return dom_.end_array();
+  }
+  template <class Exception>
+  bool parse_error(std::size_t position, const std::string& token, const Exception& error) {
+    return dom_.parse_error(position, token, error);
+  }
+
+  bool too_deep() const { return too_deep_; }
+
+ private:
+  bool Enter() {
+    if (++depth_ <= kMaxJsonDepth) return true;
+    too_deep_ = true;
+    return false;
+  }
+
+  nlohmann::detail::json_sax_dom_parser<Json> dom_;
+  int depth_ = 0;
+  bool too_deep_ = false;
+};
+
 absl::StatusOr<Json> ParseObject(std::string_view body) {
-  Json root = Json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
-  if (root.is_discarded()) return Invalid("the request body is not valid JSON");
+  Json root;
+  DepthLimitedDom dom(&root);
+  if (!Json::sax_parse(body.begin(), body.end(), &dom)) {
+    if (dom.too_deep()) {
+      return Invalid(absl::StrCat("the request body nests arrays and objects more than ",
+                                  kMaxJsonDepth, " levels deep"));
+    }
+    return Invalid("the request body is not valid JSON");
+  }
   if (!root.is_object()) return Invalid("the request body must be a JSON object");
   return root;
 }
@@ -142,9 +197,11 @@ absl::StatusOr<bool> ToolsWanted(const Json& root) {
   return Invalid("'tool_choice' must be a string or an object");
 }
 
-// Sampling fields shared by both APIs.
+// Sampling fields shared by both APIs. `alt_max_tokens_key` (may be null) is a synonym of
+// `max_tokens_key`; both given must agree. `stop` only where `allow_stop`.
 absl::Status ParseSampling(const Json& root, const char* max_tokens_key,
-                           const char* alt_max_tokens_key, kls::v1::SamplingParams* s) {
+                           const char* alt_max_tokens_key, bool allow_stop,
+                           kls::v1::SamplingParams* s) {
   KLS_ASSIGN_OR_RETURN(std::optional<double> temperature, NumberField(root, "temperature"));
   if (temperature.has_value()) {
     if (*temperature < 0) return Invalid("'temperature' must be >= 0");
@@ -165,6 +222,10 @@ absl::Status ParseSampling(const Json& root, const char* max_tokens_key,
     if (*max_tokens > std::numeric_limits<int32_t>::max()) {
       return Invalid(absl::StrCat("'", key, "' is too large: ", *max_tokens));
     }
+    if (s->has_max_tokens() && s->max_tokens() != *max_tokens) {
+      return Invalid(absl::StrCat("'", max_tokens_key, "' (", s->max_tokens(), ") and '", key,
+                                  "' (", *max_tokens, ") differ; give one of them"));
+    }
     s->set_max_tokens(static_cast<int32_t>(*max_tokens));
   }
   KLS_ASSIGN_OR_RETURN(std::optional<int64_t> seed, IntegerField(root, "seed"));
@@ -176,7 +237,15 @@ absl::Status ParseSampling(const Json& root, const char* max_tokens_key,
     }
     s->set_top_k(static_cast<int32_t>(*top_k));
   }
+  // Extension (as vLLM's): generate past <|im_end|>, for benchmarks and tests.
+  KLS_ASSIGN_OR_RETURN(std::optional<bool> ignore_eos, BoolField(root, "ignore_eos"));
+  s->set_ignore_eos(ignore_eos.value_or(false));
   if (const Json* stop = Field(root, "stop"); stop != nullptr) {
+    if (!allow_stop) {
+      return Invalid(
+          "'stop' is not a parameter of the Responses API (use /v1/chat/completions for stop "
+          "sequences)");
+    }
     if (stop->is_string()) {
       s->add_stop(stop->get<std::string>());
     } else if (stop->is_array()) {
@@ -266,9 +335,22 @@ absl::Status ParseChatMessage(const Json& message, size_t i, std::vector<kls::v1
   return absl::OkStatus();
 }
 
+// parallel_tool_calls: true (the default) or absent; the model may always call several tools at
+// once and nothing here can stop it, so false is refused rather than ignored.
+absl::Status RejectSequentialToolCalls(const Json& root) {
+  KLS_ASSIGN_OR_RETURN(std::optional<bool> parallel, BoolField(root, "parallel_tool_calls"));
+  if (!parallel.value_or(true)) {
+    return Invalid(
+        "'parallel_tool_calls' false is not supported: the model may call several tools in one "
+        "reply");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RejectUnsupported(const Json& root) {
   KLS_ASSIGN_OR_RETURN(std::optional<bool> logprobs, BoolField(root, "logprobs"));
   if (logprobs.value_or(false)) return Invalid("'logprobs' is not supported");
+  KLS_RETURN_IF_ERROR(RejectSequentialToolCalls(root));
   if (const Json* format = Field(root, "response_format"); format != nullptr) {
     if (!format->is_object()) return Invalid("'response_format' must be an object");
     KLS_ASSIGN_OR_RETURN(std::string type, StringField(*format, "type", true, "response_format."));
@@ -430,7 +512,8 @@ absl::StatusOr<ChatCompletionRequest> ParseChatCompletionRequest(std::string_vie
     return Invalid(absl::StrCat("'n' must be 1 (one choice per request), got ", *n));
   }
   KLS_RETURN_IF_ERROR(RejectUnsupported(root));
-  KLS_RETURN_IF_ERROR(ParseSampling(root, "max_tokens", "max_completion_tokens", &r.sampling));
+  KLS_RETURN_IF_ERROR(ParseSampling(root, "max_tokens", "max_completion_tokens",
+                                    /*allow_stop=*/true, &r.sampling));
   KLS_ASSIGN_OR_RETURN(std::optional<bool> stream, BoolField(root, "stream"));
   r.stream = stream.value_or(false);
   if (const Json* options = Field(root, "stream_options"); options != nullptr) {
@@ -462,7 +545,19 @@ absl::StatusOr<ResponsesRequest> ParseResponsesRequest(std::string_view body) {
   KLS_ASSIGN_OR_RETURN(const Json root, ParseObject(body));
   ResponsesRequest r;
   KLS_ASSIGN_OR_RETURN(r.model, StringField(root, "model", true));
-  KLS_RETURN_IF_ERROR(ParseSampling(root, "max_output_tokens", nullptr, &r.sampling));
+  KLS_RETURN_IF_ERROR(
+      ParseSampling(root, "max_output_tokens", nullptr, /*allow_stop=*/false, &r.sampling));
+  KLS_ASSIGN_OR_RETURN(std::optional<bool> background, BoolField(root, "background"));
+  if (background.value_or(false)) {
+    return Invalid("'background' true is not supported: responses run while the request waits");
+  }
+  KLS_ASSIGN_OR_RETURN(std::string truncation, StringField(root, "truncation", false));
+  if (!truncation.empty() && truncation != "disabled") {
+    return Invalid(absl::StrCat("'truncation' ", truncation.substr(0, 40),
+                                " is not supported (only disabled: an input that does not fit "
+                                "the context is refused)"));
+  }
+  KLS_RETURN_IF_ERROR(RejectSequentialToolCalls(root));
   KLS_ASSIGN_OR_RETURN(std::optional<bool> stream, BoolField(root, "stream"));
   r.stream = stream.value_or(false);
   KLS_ASSIGN_OR_RETURN(std::optional<bool> store, BoolField(root, "store"));
@@ -724,8 +819,18 @@ ChatStream::ChatStream(std::string id, int64_t created, std::string model, bool 
     : id_(std::move(id)),
       model_(std::move(model)),
       created_(created),
-      tools_(tools),
-      include_usage_(include_usage) {}
+      include_usage_(include_usage),
+      reply_(tools) {}
+
+Json ChatStream::ChunkJson() const {
+  Json chunk = Json::object();
+  chunk["id"] = id_;
+  chunk["object"] = "chat.completion.chunk";
+  chunk["created"] = created_;
+  chunk["model"] = model_;
+  chunk["system_fingerprint"] = nullptr;
+  return chunk;
+}
 
 std::string ChatStream::Chunk(const Json& delta, const Json& finish_reason) const {
   Json choice = Json::object();
@@ -733,12 +838,7 @@ std::string ChatStream::Chunk(const Json& delta, const Json& finish_reason) cons
   choice["delta"] = delta;
   choice["logprobs"] = nullptr;
   choice["finish_reason"] = finish_reason;
-  Json chunk = Json::object();
-  chunk["id"] = id_;
-  chunk["object"] = "chat.completion.chunk";
-  chunk["created"] = created_;
-  chunk["model"] = model_;
-  chunk["system_fingerprint"] = nullptr;
+  Json chunk = ChunkJson();
   chunk["choices"] = Json::array({std::move(choice)});
   if (include_usage_) chunk["usage"] = nullptr;
   return SseData(chunk);
@@ -750,45 +850,33 @@ std::string ChatStream::OnText(std::string_view delta) {
     role_sent_ = true;
     out += Chunk({{"role", "assistant"}, {"content", ""}}, nullptr);
   }
-  text_.append(delta);
-  const size_t ready = tools_ ? StreamableContentBytes(text_) : text_.size();
-  if (ready > sent_) {
-    out += Chunk({{"content", text_.substr(sent_, ready - sent_)}}, nullptr);
-    sent_ = ready;
+  if (std::string content = reply_.Append(delta); !content.empty()) {
+    out += Chunk({{"content", std::move(content)}}, nullptr);
   }
   return out;
 }
 
 std::string ChatStream::OnFinish(kls::v1::FinishReason finish, const TurnUsage& usage) {
   std::string out = OnText("");
-  ParsedReply reply;
-  if (tools_) {
-    reply = ParseKimiToolCalls(text_);
-  } else {
-    reply.content = text_;
-  }
-  // Without calls the content is the whole text, including a held-back marker prefix.
-  if (reply.content.size() > sent_) {
-    out += Chunk({{"content", reply.content.substr(sent_)}}, nullptr);
-    sent_ = reply.content.size();
-  }
+  std::string rest;
+  const ParsedReply reply = reply_.Finish(&rest);
+  if (!rest.empty()) out += Chunk({{"content", std::move(rest)}}, nullptr);
   if (!reply.tool_calls.empty()) {
     out += Chunk({{"tool_calls", ToolCallsJson(reply.tool_calls)}}, nullptr);
   }
   out += Chunk(Json::object(), ChatFinishReason(finish, !reply.tool_calls.empty()));
   if (include_usage_) {
-    Json chunk = Json::object();
-    chunk["id"] = id_;
-    chunk["object"] = "chat.completion.chunk";
-    chunk["created"] = created_;
-    chunk["model"] = model_;
-    chunk["system_fingerprint"] = nullptr;
+    Json chunk = ChunkJson();
     chunk["choices"] = Json::array();
     chunk["usage"] = UsageChatJson(usage);
     out += SseData(chunk);
   }
   out += kSseDone;
   return out;
+}
+
+std::string ChatStream::OnError(const ApiError& error) {
+  return absl::StrCat("data: ", ErrorBody(error), "\n\n");
 }
 
 Json ResponseJson(const ResponseHeader& h, const std::string& status, const Json& output,
@@ -842,7 +930,7 @@ std::string ResponseStatus(kls::v1::FinishReason finish) {
 }
 
 ResponsesStream::ResponsesStream(ResponseHeader header, bool tools)
-    : header_(std::move(header)), tools_(tools) {}
+    : header_(std::move(header)), reply_(tools) {}
 
 std::string ResponsesStream::Event(Json event) {
   const std::string type = event["type"].get<std::string>();
@@ -885,28 +973,13 @@ std::string ResponsesStream::SendContent(std::string_view content) {
 }
 
 std::string ResponsesStream::OnText(std::string_view delta) {
-  text_.append(delta);
-  const size_t ready = tools_ ? StreamableContentBytes(text_) : text_.size();
-  std::string out;
-  if (ready > sent_) {
-    out = SendContent(std::string_view(text_).substr(sent_, ready - sent_));
-    sent_ = ready;
-  }
-  return out;
+  return SendContent(reply_.Append(delta));
 }
 
 std::string ResponsesStream::OnFinish(kls::v1::FinishReason finish, const TurnUsage& usage) {
-  ParsedReply reply;
-  if (tools_) {
-    reply = ParseKimiToolCalls(text_);
-  } else {
-    reply.content = text_;
-  }
-  std::string out;
-  if (reply.content.size() > sent_) {
-    out += SendContent(std::string_view(reply.content).substr(sent_));
-    sent_ = reply.content.size();
-  }
+  std::string rest;
+  const ParsedReply reply = reply_.Finish(&rest);
+  std::string out = SendContent(rest);
   // A reply with neither text nor calls still gets its (empty) message, as ResponseOutput does.
   if (!message_open_ && reply.tool_calls.empty()) out += OpenMessage();
   const std::string item_id = MessageItemId(header_.id);
@@ -963,6 +1036,20 @@ std::string ResponsesStream::OnFinish(kls::v1::FinishReason finish, const TurnUs
   out += Event({{"type", status == "completed" ? "response.completed" : "response.incomplete"},
                 {"response", ResponseJson(header_, status, output, usage)}});
   return out;
+}
+
+std::string ResponsesStream::OnError(const ApiError& error) {
+  Json output = Json::array();
+  if (message_open_) {
+    output.push_back(MessageItem(MessageItemId(header_.id), "incomplete",
+                                 Json::array({OutputTextPart(content_sent_)})));
+  }
+  Json response = ResponseJson(header_, "failed", output, std::nullopt);
+  // OpenAI's codes for a failed response; what fails after the stream started is the server's.
+  response["error"] = {
+      {"code", error.code == "rate_limit_exceeded" ? error.code : std::string("server_error")},
+      {"message", error.message}};
+  return Event({{"type", "response.failed"}, {"response", std::move(response)}});
 }
 
 std::string SseData(const Json& json) { return absl::StrCat("data: ", Dump(json), "\n\n"); }

@@ -4,7 +4,9 @@
 // and server-sent events of replies. No I/O; every function is thread-compatible.
 //
 // JSON is parsed without exceptions (nlohmann's allow_exceptions=false, types checked before
-// every access) and written with invalid UTF-8 replaced, so no request can make it throw.
+// every access), refused beyond kMaxJsonDepth levels of nesting (nlohmann parses iteratively, but
+// dump(), copies and comparisons recurse, so a deeply nested body would overflow the stack), and
+// written with invalid UTF-8 replaced, so no request can make it throw or crash.
 #ifndef KLS_SERVICES_ROUTER_OPENAI_PROTOCOL_H_
 #define KLS_SERVICES_ROUTER_OPENAI_PROTOCOL_H_
 
@@ -27,6 +29,9 @@ namespace kls::router::openai {
 
 // Keys keep their order (tools are rendered into the prompt exactly as the client sent them).
 using Json = nlohmann::ordered_json;
+
+// The deepest nesting of arrays and objects a request body may have; the body itself is level 1.
+inline constexpr int kMaxJsonDepth = 64;
 
 // Serializes compactly ({"a":1}); invalid UTF-8 becomes U+FFFD instead of throwing.
 std::string Dump(const Json& json);
@@ -65,9 +70,10 @@ struct ChatCompletionRequest {
   bool include_usage = false;  // stream_options.include_usage
 };
 
-// INVALID_ARGUMENT naming the field for bad JSON, a missing or mistyped field, n != 1, a
-// negative or zero max_tokens, unsupported features (logprobs, non-text content parts, response
-// formats other than text). Unknown fields are ignored, as OpenAI clients send many.
+// INVALID_ARGUMENT naming the field for bad JSON, nesting deeper than kMaxJsonDepth, a missing
+// or mistyped field, n != 1, a negative or zero max_tokens, max_tokens and max_completion_tokens
+// that differ, unsupported features (logprobs, non-text content parts, response formats other
+// than text, parallel_tool_calls false). Unknown fields are ignored, as OpenAI clients send many.
 absl::StatusOr<ChatCompletionRequest> ParseChatCompletionRequest(std::string_view body);
 
 // POST /v1/responses, validated.
@@ -85,7 +91,9 @@ struct ResponsesRequest {
 };
 
 // The errors of ParseChatCompletionRequest, for `input` items (strings, messages,
-// function_call and function_call_output items) and the Responses fields.
+// function_call and function_call_output items) and the Responses fields; also INVALID_ARGUMENT
+// for what the Responses API has no equivalent of here: background true, truncation other than
+// "disabled", and `stop` (not a Responses parameter).
 absl::StatusOr<ResponsesRequest> ParseResponsesRequest(std::string_view body);
 
 // ---- Response ids -------------------------------------------------------------------------------
@@ -151,27 +159,41 @@ Json ChatCompletionJson(const std::string& id, int64_t created, const std::strin
                         const ParsedReply& reply, kls::v1::FinishReason finish,
                         const TurnUsage& usage);
 
+// The event stream of one turn in an API's format. OnStart's bytes go out with the status line,
+// then OnText's for each text delta, then those of exactly one of OnFinish or OnError (a failure
+// after the status line was sent, which only the stream itself can report).
+class EventStream {
+ public:
+  virtual ~EventStream() = default;
+  virtual std::string OnStart() { return ""; }
+  virtual std::string OnText(std::string_view delta) = 0;
+  virtual std::string OnFinish(kls::v1::FinishReason finish, const TurnUsage& usage) = 0;
+  virtual std::string OnError(const ApiError& error) = 0;
+};
+
 // Turns the text deltas of one turn into chat.completion.chunk events ("data: {json}\n\n"),
 // ending with "data: [DONE]\n\n". With tools, content is streamed up to the tool-call section
-// and the calls follow in one chunk once the reply is complete.
-class ChatStream {
+// and the calls follow in one chunk once the reply is complete. A failure is one
+// "data: {"error": {...}}" event (OpenAI's shape; the SDKs raise it), with no [DONE].
+class ChatStream final : public EventStream {
  public:
   ChatStream(std::string id, int64_t created, std::string model, bool tools, bool include_usage);
   // The events for the next piece of text (may be empty). The first call also sends the role.
-  std::string OnText(std::string_view delta);
+  std::string OnText(std::string_view delta) override;
   // The remaining content, the tool calls, the finish chunk, the usage chunk (when asked for)
   // and [DONE].
-  std::string OnFinish(kls::v1::FinishReason finish, const TurnUsage& usage);
+  std::string OnFinish(kls::v1::FinishReason finish, const TurnUsage& usage) override;
+  std::string OnError(const ApiError& error) override;
 
  private:
+  Json ChunkJson() const;  // the fields every chunk has
   std::string Chunk(const Json& delta, const Json& finish_reason) const;
 
   const std::string id_, model_;
   const int64_t created_;
-  const bool tools_, include_usage_;
+  const bool include_usage_;
   bool role_sent_ = false;
-  std::string text_;
-  size_t sent_ = 0;  // bytes of text_ streamed as content
+  StreamingReply reply_;
 };
 
 // The parts of a Responses API response object that do not depend on the output.
@@ -188,7 +210,8 @@ struct ResponseHeader {
 };
 
 // The response object. `status` "in_progress" has no output and no usage; "completed" and
-// "incomplete" (finish LENGTH: incomplete_details.reason "max_output_tokens") have both.
+// "incomplete" (finish LENGTH: incomplete_details.reason "max_output_tokens") have both;
+// "failed" (ResponsesStream::OnError) has the output streamed so far and no usage.
 Json ResponseJson(const ResponseHeader& header, const std::string& status, const Json& output,
                   const std::optional<TurnUsage>& usage);
 
@@ -203,13 +226,15 @@ std::string ResponseStatus(kls::v1::FinishReason finish);
 // response.in_progress, then per output item output_item.added / content_part.added /
 // output_text.delta... / output_text.done / content_part.done / output_item.done (function calls:
 // output_item.added / function_call_arguments.delta / .done / output_item.done), and
-// response.completed (or response.incomplete).
-class ResponsesStream {
+// response.completed (or response.incomplete). A failure ends it with response.failed: the
+// response with status "failed", `error` {code, message} and the output streamed so far.
+class ResponsesStream final : public EventStream {
  public:
   explicit ResponsesStream(ResponseHeader header, bool tools);
-  std::string OnStart();  // response.created + response.in_progress
-  std::string OnText(std::string_view delta);
-  std::string OnFinish(kls::v1::FinishReason finish, const TurnUsage& usage);
+  std::string OnStart() override;  // response.created + response.in_progress
+  std::string OnText(std::string_view delta) override;
+  std::string OnFinish(kls::v1::FinishReason finish, const TurnUsage& usage) override;
+  std::string OnError(const ApiError& error) override;
 
  private:
   std::string Event(Json event);
@@ -217,11 +242,9 @@ class ResponsesStream {
   std::string SendContent(std::string_view content);
 
   const ResponseHeader header_;
-  const bool tools_;
   int64_t sequence_ = 0;
   bool message_open_ = false;
-  std::string text_;
-  size_t sent_ = 0;
+  StreamingReply reply_;
   std::string content_sent_;
 };
 

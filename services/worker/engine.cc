@@ -27,6 +27,61 @@ using kls::v1::SessionRecord;
 
 constexpr uint32_t kRecordFormatVersion = 1;
 
+// Bounds on a session's metadata as a whole (ValidateGenerateRequest bounds each turn's): the
+// record carrying it is read before and rewritten at every turn, so it must not grow without end.
+constexpr int64_t kMaxSessionMetadataEntries = 128;
+constexpr int64_t kMaxSessionMetadataBytes = int64_t{64} << 10;  // keys + values
+
+using MetadataMap = google::protobuf::Map<std::string, std::string>;
+
+struct MetadataSize {
+  int64_t entries = 0;
+  int64_t bytes = 0;  // keys + values
+};
+
+MetadataSize SizeOf(const MetadataMap& metadata) {
+  MetadataSize size;
+  for (const auto& [key, value] : metadata) {
+    ++size.entries;
+    size.bytes += key.size() + value.size();
+  }
+  return size;
+}
+
+// The size of `metadata` once `changes` are merged (an empty value removes its key).
+MetadataSize MergedSize(const MetadataMap& metadata,
+                        const std::vector<std::pair<std::string, std::string>>& changes) {
+  MetadataSize size = SizeOf(metadata);
+  for (const auto& [key, value] : changes) {
+    if (auto it = metadata.find(key); it != metadata.end()) {
+      --size.entries;
+      size.bytes -= key.size() + it->second.size();
+    }
+    if (!value.empty()) {
+      ++size.entries;
+      size.bytes += key.size() + value.size();
+    }
+  }
+  return size;
+}
+
+// OK, or INVALID_ARGUMENT naming the limits when a session's metadata goes from `before` to
+// `after` and `after` is beyond a bound it grew towards. A change that does not grow it is fine,
+// so a session over the bounds (made before they existed) keeps working and can shrink. `what`
+// names the operation.
+absl::Status CheckSessionMetadata(MetadataSize before, MetadataSize after,
+                                  const std::string& session_id, const char* what) {
+  if ((after.entries <= kMaxSessionMetadataEntries || after.entries <= before.entries) &&
+      (after.bytes <= kMaxSessionMetadataBytes || after.bytes <= before.bytes)) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat(what, " would leave session ", session_id, " with ", after.entries,
+                   " metadata entries of ", after.bytes, " bytes; a session holds at most ",
+                   kMaxSessionMetadataEntries, " entries and ", kMaxSessionMetadataBytes,
+                   " bytes (keys + values) of metadata (an empty value removes a key)"));
+}
+
 int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
 
 double MsBetween(absl::Time from, absl::Time to) {
@@ -209,6 +264,11 @@ class Engine::Impl {
       if (busy_.contains(key)) {
         return done(absl::AlreadyExistsError(
             absl::StrCat("session ", request.session_id(), " already exists")));
+      }
+      if (absl::Status s = CheckSessionMetadata({}, SizeOf(request.metadata()),
+                                                request.session_id(), "the metadata");
+          !s.ok()) {
+        return done(s);
       }
       auto session = std::make_unique<HotSession>();
       session->key = key;
@@ -789,6 +849,12 @@ class Engine::Impl {
                           "session ", p.session_id, " is at version ", session->record.version(),
                           ", not the expected version ", *p.expected_version)));
     }
+    if (absl::Status s = CheckSessionMetadata(SizeOf(session->record.metadata()),
+                                              MergedSize(session->record.metadata(), p.metadata),
+                                              p.session_id, "the turn's metadata");
+        !s.ok()) {
+      return FailTurn(std::move(turn), s);
+    }
     const uint64_t fed = session->record.num_fed_tokens();
     turn->prompt.assign(session->history.begin() + fed, session->history.end());
     turn->prompt.insert(turn->prompt.end(), p.input.begin(), p.input.end());
@@ -1270,6 +1336,11 @@ class Engine::Impl {
     if (version >= static_cast<uint64_t>(sr.version_history_tokens_size())) {
       return finish(absl::FailedPreconditionError(absl::StrCat(
           "session ", sr.session_id(), " has no history length recorded for version ", version)));
+    }
+    if (absl::Status s = CheckSessionMetadata({}, SizeOf(request.metadata()),
+                                              request.new_session_id(), "the fork's metadata");
+        !s.ok()) {
+      return finish(s);
     }
     auto child = std::make_unique<HotSession>();
     child->key = Key(tenant, request.new_session_id());

@@ -9,9 +9,14 @@ chain equal token for token to the same three turns through the gRPC Sessions AP
 from an older response (equal to a gRPC fork at that version); streamed Responses events;
 GET/DELETE of responses; store=false; X-KLS-Session conversations (only new messages are fed,
 mismatching histories are refused); tool declarations and tool calls rendered with Kimi's special
-tokens; a client that disconnects cancels its turn; the documented errors (unknown response id,
-n > 1, bad JSON, unknown model, negative max_tokens, 413, 401 with API keys); and that the server
-keeps serving; 503 from a router without a ready worker. Every check that cannot run fails; nothing is skipped. Prints "N passed, M failed".
+tokens; a client that disconnects cancels its turn, streaming or not; racing continuations of one
+response never replay each other (409 or their own turn); bodies nested too deeply are 400 and the
+server survives; refused Responses/chat fields; ephemeral sessions carry a TTL and are deleted;
+the documented errors (unknown response id, n > 1, bad JSON, unknown model, negative max_tokens,
+413, 401 with API keys); and that the server keeps serving; 503 from a router without a ready
+worker; 429 beyond --http-max-inflight; streams cut by a shutdown end with response.failed or a
+chat error chunk. Every check that cannot run fails; nothing is skipped. Prints "N passed, M
+failed".
 """
 
 import http.client
@@ -22,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import urllib.error
@@ -88,7 +94,10 @@ class Server:
             return f.read()[-2000:]
 
     def close(self):
-        if self.proc.poll() is None:
+        code = self.proc.poll()
+        if code is not None and code != 0:
+            raise RuntimeError(f"kls serve had already died (exit {code}): {self.tail()}")
+        if code is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 code = self.proc.wait(timeout=30)
@@ -407,6 +416,7 @@ class Checks:
     def disconnect_cancels_the_turn(self):
         # A long streamed turn on a named session; the client reads one event and goes away.
         body = json.dumps({"model": MODEL, "stream": True, "max_tokens": 8000, "temperature": 0,
+                           "ignore_eos": True,
                            "messages": [{"role": "user", "content": "Talk for a long time."}]})
         conn = http.client.HTTPConnection("127.0.0.1", self.server.http_port, timeout=60)
         conn.request("POST", "/v1/chat/completions", body=body,
@@ -432,6 +442,233 @@ class Checks:
         self.check(r.usage.prompt_tokens_details.cached_tokens == 0,
                    f"the cancelled turn left tokens in the session: {r.usage}")
         self.check(self.history("gone-1")[1].version == 1, "cancelled turn committed")
+
+    def non_streaming_disconnect_cancels_the_turn(self):
+        # A long non-streaming turn whose tokens keep coming: the client goes away before any
+        # reply byte, and the turn is still cancelled and rolled back.
+        body = json.dumps({"model": MODEL, "max_tokens": 8000, "temperature": 0,
+                           "ignore_eos": True,
+                           "messages": [{"role": "user", "content": "Talk for a long time."}]})
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.http_port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=body,
+                     headers={"Content-Type": "application/json", "X-KLS-Session": "gone-2"})
+        deadline = time.time() + 10
+        while True:  # the handler made the session: the turn is about to run or running
+            try:
+                self.sessions.GetSession(self.spb.GetSessionRequest(session_id="gone-2"),
+                                         timeout=30)
+                break
+            except grpc.RpcError as e:
+                self.check(e.code() == grpc.StatusCode.NOT_FOUND and time.time() < deadline,
+                           f"session gone-2 was not created: {e}")
+                time.sleep(0.01)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        started = time.time()
+        while True:
+            try:
+                r = self.client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "again"}], max_tokens=2,
+                    extra_headers={"X-KLS-Session": "gone-2"})
+                break
+            except openai.ConflictError:
+                self.check(time.time() - started < 5, "the turn was not cancelled")
+                time.sleep(0.05)
+        self.check(r.usage.prompt_tokens_details.cached_tokens == 0,
+                   f"the cancelled turn left tokens in the session: {r.usage}")
+        self.check(self.history("gone-2")[1].version == 1, "cancelled turn committed")
+
+    def concurrent_continuations_never_replay(self):
+        # Racing continuations of one latest response: each request either gets its own turn
+        # (on the session, or on a fork when it came after the winner) or 409 — never the
+        # winner's output under the winner's id.
+        latest = self.client.responses.create(model=MODEL, input="race", max_output_tokens=1,
+                                              temperature=0)
+        racers = 4
+        for rnd in range(12):
+            results = [None] * racers
+            texts = [f"racer {rnd}-{i} " + "long input " * (300 * (i % 2)) for i in range(racers)]
+
+            def go(i, previous=latest.id):
+                try:
+                    results[i] = self.client.responses.create(
+                        model=MODEL, input=texts[i], max_output_tokens=1, temperature=0,
+                        previous_response_id=previous)
+                except openai.APIStatusError as e:
+                    results[i] = e
+            threads = [threading.Thread(target=go, args=(i,)) for i in range(racers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            won = [(i, r) for i, r in enumerate(results) if not isinstance(r, Exception)]
+            for r in results:
+                if isinstance(r, Exception):
+                    self.check(r.status_code == 409, f"a lost race is 409, got {r}")
+            self.check(won, f"round {rnd}: every racer failed: {results}")
+            ids = [r.id for _, r in won]
+            self.check(len(set(ids)) == len(ids), f"round {rnd}: a response was replayed: {ids}")
+            for i, r in won:
+                session, version = self.session_of(r.id)
+                _, s = self.history(session)
+                self.check(texts[i].strip() in s.history_text,
+                           f"round {rnd}: {r.id} does not hold racer {i}'s input")
+                got = self.client.responses.retrieve(r.id)
+                self.check(got.output_text == r.output_text, f"GET {r.id}: {got.output_text!r}")
+            on_session = [r for _, r in won
+                          if self.session_of(r.id)[0] == self.session_of(latest.id)[0]]
+            self.check(len(on_session) == 1, f"round {rnd}: {ids}")
+            latest = on_session[0]
+
+    def deep_nesting_is_400(self):
+        base = self.server.base
+        deep = 1_000_000
+        # Nested objects in a tool's parameters (rendered into the prompt) and in arguments.
+        params = '{"a":' * deep + "1" + "}" * deep
+        chat = ('{"model": "%s", "messages": [{"role": "user", "content": "x"}], "tools": '
+                '[{"type": "function", "function": {"name": "f", "parameters": %s}}]}'
+                % (MODEL, params))
+        responses = ('{"model": "%s", "input": "x", "tools": [{"type": "function", "name": "f", '
+                     '"parameters": %s}]}' % (MODEL, params))
+        arrays = '{"model": "%s", "messages": %s}' % (MODEL, "[" * deep + "]" * deep)
+        for path, body in (("/v1/chat/completions", chat), ("/v1/responses", responses),
+                           ("/v1/chat/completions", arrays)):
+            status, reply = raw_request(base, "POST", path, body)
+            self.check(status == 400 and reply["error"]["type"] == "invalid_request_error" and
+                       "nest" in reply["error"]["message"], f"{path}: {status} {str(reply)[:300]}")
+        # 64 levels are fine (the request object is the first).
+        ok = ('{"model": "%s", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1, '
+              '"tools": [{"type": "function", "function": {"name": "f", "parameters": %s}}]}'
+              % (MODEL, '{"a":' * 59 + "1" + "}" * 59))
+        status, reply = raw_request(base, "POST", "/v1/chat/completions", ok)
+        self.check(status == 200, f"{status} {str(reply)[:300]}")
+        r = self.client.chat.completions.create(model=MODEL, messages=[{"role": "user",
+                                                                        "content": "hi"}],
+                                                max_tokens=2)
+        self.check(r.choices[0].message.content is not None, "the server stopped serving")
+
+    def unsupported_fields_are_400(self):
+        user = [{"role": "user", "content": "hi"}]
+        for kwargs, field in (({"background": True}, "background"),
+                              ({"truncation": "auto"}, "truncation"),
+                              ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+                              ({"extra_body": {"stop": ["x"]}}, "stop")):
+            try:
+                self.client.responses.create(model=MODEL, input="x", max_output_tokens=2,
+                                             **kwargs)
+            except openai.BadRequestError as e:
+                self.check(field in e.body["message"], f"{field}: {e.body}")
+                continue
+            raise AssertionError(f"responses {field}: expected 400")
+        for kwargs, field in (({"parallel_tool_calls": False}, "parallel_tool_calls"),
+                              ({"max_tokens": 3, "max_completion_tokens": 4}, "max_tokens")):
+            try:
+                self.client.chat.completions.create(model=MODEL, messages=user, **kwargs)
+            except openai.BadRequestError as e:
+                self.check(field in e.body["message"], f"{field}: {e.body}")
+                continue
+            raise AssertionError(f"chat {field}: expected 400")
+        # Accepted: the default truncation, parallel calls on, and equal token limits.
+        r = self.client.responses.create(model=MODEL, input="x", max_output_tokens=2,
+                                         truncation="disabled", parallel_tool_calls=True,
+                                         background=False)
+        self.check(r.parallel_tool_calls is True and r.truncation == "disabled", r)
+        c = self.client.chat.completions.create(model=MODEL, messages=user, max_tokens=2,
+                                                max_completion_tokens=2)
+        self.check(c.usage.completion_tokens <= 2, c.usage)
+
+    def ephemeral_sessions_expire(self):
+        # A stateless request's session has a short TTL while it runs, and is gone after.
+        body = json.dumps({"model": MODEL, "stream": True, "max_tokens": 8000, "ignore_eos": True,
+                           "messages": [{"role": "user", "content": "ephemeral"}]})
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.http_port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=body,
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        self.check(response.status == 200, response.status)
+        self.check(response.readline().startswith(b"data: "), "no first event")
+        now_ms = time.time() * 1000
+        listed = self.sessions.ListSessions(self.spb.ListSessionsRequest(page_size=1000),
+                                            timeout=30).sessions
+        expiring = [s for s in listed if s.expire_time_ms > 0]
+        self.check(expiring, "no session with a TTL: the running request's session never expires")
+        ttls = [(s.expire_time_ms - now_ms) / 1000 for s in expiring]
+        self.check(all(0 < t <= 305 for t in ttls) and max(ttls) > 280, f"TTLs {ttls} s")
+        expiring = [s for s, t in zip(expiring, ttls) if t > 280]
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        deadline = time.time() + 5
+        while True:
+            try:
+                self.sessions.GetSession(
+                    self.spb.GetSessionRequest(session_id=expiring[0].session_id), timeout=30)
+            except grpc.RpcError as e:
+                self.check(e.code() == grpc.StatusCode.NOT_FOUND, e)
+                break
+            self.check(time.time() < deadline, "the ephemeral session was not deleted")
+            time.sleep(0.05)
+
+    def admission_and_errors_after_headers(self):
+        # At most 2 turns in flight: the third request is 429. Then SIGTERM with a 1 s grace:
+        # the running streams end with their API's error event (response.failed; an error
+        # chunk for chat completions), since their status lines are gone.
+        server = Server(self.kls, self.model, self.work, "limited",
+                        ["--http-max-inflight", "2", "--drain-timeout", "1"])
+        try:
+            client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused",
+                                   max_retries=0, timeout=120)
+            started = threading.Barrier(3)
+            outcome = {}
+
+            def responses():
+                events = []
+                try:
+                    for e in client.responses.create(model=MODEL, input="long", stream=True,
+                                                     max_output_tokens=8000,
+                                                     extra_body={"ignore_eos": True}):
+                        if not events:
+                            started.wait()
+                        events.append(e)
+                except Exception as e:  # noqa: BLE001 - recorded and checked below
+                    outcome["responses_error"] = e
+                outcome["responses"] = events
+
+            def chat():
+                chunks = []
+                try:
+                    for c in client.chat.completions.create(
+                            model=MODEL, messages=[{"role": "user", "content": "long"}],
+                            stream=True, max_tokens=8000, extra_body={"ignore_eos": True}):
+                        if not chunks:
+                            started.wait()
+                        chunks.append(c)
+                except Exception as e:  # noqa: BLE001 - recorded and checked below
+                    outcome["chat_error"] = e
+                outcome["chat"] = chunks
+            threads = [threading.Thread(target=responses), threading.Thread(target=chat)]
+            for t in threads:
+                t.start()
+            started.wait(timeout=60)
+            self.expect_api_error(lambda: client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2), 429,
+                code="rate_limit_exceeded")
+            self.expect_api_error(lambda: client.responses.create(
+                model=MODEL, input="x", max_output_tokens=2), 429, code="rate_limit_exceeded")
+            server.proc.send_signal(signal.SIGTERM)
+            for t in threads:
+                t.join(timeout=60)
+            events = outcome.get("responses", [])
+            self.check("responses_error" not in outcome, outcome.get("responses_error"))
+            self.check(events and events[-1].type == "response.failed",
+                       f"last event: {events[-1] if events else None}")
+            failed = events[-1].response
+            self.check(failed.status == "failed" and failed.error is not None and
+                       failed.error.message, failed)
+            self.check(isinstance(outcome.get("chat_error"), openai.APIError),
+                       f"chat stream: {outcome.get('chat_error')!r}")
+            self.check(server.proc.wait(timeout=30) == 0, f"exit {server.proc.returncode}")
+        finally:
+            server.close()
 
     def errors(self):
         base = self.server.base
@@ -534,8 +771,11 @@ def main():
             for name in ("models", "chat_plain_and_streamed", "responses_chain_equals_grpc",
                          "branch_from_older_response", "responses_streamed", "get_and_delete",
                          "store_false", "session_header", "tools_rendered_with_special_tokens",
-                         "disconnect_cancels_the_turn", "errors", "no_worker_is_503",
-                         "api_keys"):
+                         "disconnect_cancels_the_turn",
+                         "non_streaming_disconnect_cancels_the_turn",
+                         "concurrent_continuations_never_replay", "deep_nesting_is_400",
+                         "unsupported_fields_are_400", "ephemeral_sessions_expire", "errors",
+                         "no_worker_is_503", "api_keys", "admission_and_errors_after_headers"):
                 if not only or name in only:
                     checks.run(name, getattr(checks, name))
             checks.run("sigterm_exits_0", checks.server.close)

@@ -1,10 +1,12 @@
-// ParseKimiToolCalls and StreamableContentBytes on Kimi's tool-call markers: one and several
-// calls, content before the section, truncated sections, malformed calls, marker prefixes.
+// ParseKimiToolCalls, StreamableContentBytes and StreamingReply on Kimi's tool-call markers: one
+// and several calls, content before the section, truncated sections, malformed calls, marker
+// prefixes, and streamed replies cut into pieces of every size.
 #include "services/router/kimi_tool_calls.h"
 
 #include <gtest/gtest.h>
 
 #include <string>
+#include <utility>
 
 namespace kls::router {
 namespace {
@@ -100,6 +102,55 @@ TEST(KimiToolCallsTest, StreamableContentHoldsBackMarkerPrefixes) {
   for (size_t n = 1; n < marker.size(); ++n) {
     EXPECT_EQ(StreamableContentBytes("x" + marker.substr(0, n)), 1u) << n;
   }
+}
+
+// Streams `text` in pieces of `step` bytes; returns the content sent (Append results, then the
+// rest from Finish) and the final reply.
+std::pair<std::string, ParsedReply> Stream(const std::string& text, bool tools, size_t step) {
+  StreamingReply streaming(tools);
+  std::string sent;
+  for (size_t i = 0; i < text.size(); i += step) sent += streaming.Append(text.substr(i, step));
+  std::string rest;
+  ParsedReply reply = streaming.Finish(&rest);
+  return {sent + rest, std::move(reply)};
+}
+
+TEST(StreamingReplyTest, EveryContentByteIsSentOnceInAnyPiecing) {
+  const std::string calls = Section(Call("functions.f:0", "{}") + Call("functions.g:1", "[1]"));
+  const std::string texts[] = {"",
+                               "plain text",
+                               "text <|tool_calls_sec",  // a marker prefix, no call follows
+                               "before " + calls,
+                               calls,
+                               "x <|tool_calls_section_begin|><|tool_call_begin|>broken",
+                               "a <|im_user|> b"};
+  for (const std::string& text : texts) {
+    for (bool tools : {false, true}) {
+      for (size_t step : {size_t{1}, size_t{3}, size_t{7}, size_t{1000}}) {
+        auto [sent, reply] = Stream(text, tools, step);
+        EXPECT_EQ(reply.content, ParseReply(text, tools).content) << text;
+        EXPECT_EQ(sent, reply.content) << text << " tools " << tools << " step " << step;
+        EXPECT_EQ(reply.tool_calls.size(), ParseReply(text, tools).tool_calls.size()) << text;
+      }
+    }
+  }
+}
+
+TEST(StreamingReplyTest, ContentStopsBeforeTheSectionWhileStreaming) {
+  StreamingReply streaming(/*tools=*/true);
+  EXPECT_EQ(streaming.Append("Sure. <|tool_calls_"), "Sure. ");
+  EXPECT_EQ(streaming.Append("section_begin|><|tool_call_begin|>functions.f:0"), "");
+  EXPECT_EQ(streaming.Append("<|tool_call_argument_begin|>{}<|tool_call_end|>"), "");
+  std::string rest;
+  const ParsedReply reply = streaming.Finish(&rest);
+  EXPECT_EQ(rest, "");
+  EXPECT_EQ(reply.content, "Sure. ");
+  ASSERT_EQ(reply.tool_calls.size(), 1u);
+  EXPECT_EQ(reply.tool_calls[0].name, "f");
+  // Without tools the markers are text like any other.
+  StreamingReply plain(/*tools=*/false);
+  EXPECT_EQ(plain.Append("a <|tool_calls_"), "a <|tool_calls_");
+  EXPECT_TRUE(ParseReply("<|tool_calls_section_begin|>", false).tool_calls.empty());
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // The OpenAI-compatible API's pure parts: request parsing and validation (chat completions and
 // responses), errors in OpenAI's shape, response ids, the X-KLS-Session message chain, usage,
-// and the chat-completion and Responses event streams.
+// the chat-completion and Responses event streams (errors after the start included), and the
+// nesting limit on request bodies.
 #include "services/router/openai_protocol.h"
 
 #include <gmock/gmock.h>
@@ -59,7 +60,7 @@ std::vector<Json> SseEvents(const std::string& bytes, std::vector<std::string>* 
 
 TEST(ChatRequestTest, FullRequest) {
   const std::string body = R"({
-    "model": "tiny", "temperature": 0, "top_p": 0.5, "max_tokens": 12, "seed": 7,
+    "model": "tiny", "temperature": 0, "top_p": 0.5, "max_tokens": 12, "seed": 7, "ignore_eos": true,
     "stop": ["x", "y"], "stream": true, "stream_options": {"include_usage": true},
     "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"b": 1, "a": 2}}}],
     "tool_choice": "auto", "user": "ignored", "presence_penalty": 0,
@@ -82,6 +83,7 @@ TEST(ChatRequestTest, FullRequest) {
   EXPECT_EQ(r->sampling.top_p(), 0.5f);
   EXPECT_EQ(r->sampling.max_tokens(), 12);
   EXPECT_EQ(r->sampling.seed(), 7u);
+  EXPECT_TRUE(r->sampling.ignore_eos());
   ASSERT_EQ(r->sampling.stop_size(), 2);
   ASSERT_EQ(r->messages.size(), 5u);
   // The declaration keeps the client's key order, compact.
@@ -146,6 +148,7 @@ TEST(ChatRequestTest, Errors) {
       {R"({"model": "m", "frequency_penalty": 1, )" + user + "}", "frequency_penalty"},
       {R"({"model": "m", "stream": "yes", )" + user + "}", "'stream' must be a boolean"},
       {R"({"model": "m", "stop": 3, )" + user + "}", "'stop'"},
+      {R"({"model": "m", "ignore_eos": 1, )" + user + "}", "'ignore_eos' must be a boolean"},
       {R"({"model": "m", "response_format": {"type": "json_object"}, )" + user + "}",
        "json_object"},
       {R"({"model": "m", "messages": [{"role": "wizard", "content": "x"}]})", "wizard"},
@@ -160,6 +163,9 @@ TEST(ChatRequestTest, Errors) {
       {R"({"model": "m", "tool_choice": "sometimes", )" + user + "}", "sometimes"},
       {R"({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": "x"}]}]})",
        "function"},
+      {R"({"model": "m", "parallel_tool_calls": false, )" + user + "}", "'parallel_tool_calls'"},
+      {R"({"model": "m", "max_tokens": 3, "max_completion_tokens": 4, )" + user + "}",
+       "'max_tokens' (3) and 'max_completion_tokens' (4) differ"},
   };
   for (const auto& c : cases) {
     auto r = ParseChatCompletionRequest(c.body);
@@ -239,6 +245,11 @@ TEST(ResponsesRequestTest, Errors) {
       {R"({"model": "m", "input": "x", "tools": [{"type": "web_search"}]})", "web_search"},
       {R"({"model": "m", "input": "x", "text": {"format": {"type": "json_schema"}}})",
        "json_schema"},
+      {R"({"model": "m", "input": "x", "background": true})", "'background'"},
+      {R"({"model": "m", "input": "x", "truncation": "auto"})", "'truncation' auto"},
+      {R"({"model": "m", "input": "x", "truncation": 1})", "'truncation' must be a string"},
+      {R"({"model": "m", "input": "x", "parallel_tool_calls": false})", "'parallel_tool_calls'"},
+      {R"({"model": "m", "input": "x", "stop": ["a"]})", "'stop' is not a parameter"},
   };
   for (const auto& c : cases) {
     auto r = ParseResponsesRequest(c.body);
@@ -246,6 +257,79 @@ TEST(ResponsesRequestTest, Errors) {
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << c.body;
     EXPECT_THAT(r.status().message(), HasSubstr(c.needle)) << c.body;
   }
+}
+
+TEST(ResponsesRequestTest, AcceptedValuesOfTheRefusedFields) {
+  auto r = ParseResponsesRequest(
+      R"({"model": "m", "input": "x", "background": false, "truncation": "disabled",
+          "parallel_tool_calls": true})");
+  EXPECT_TRUE(r.ok()) << r.status();
+  auto c = ParseChatCompletionRequest(
+      R"({"model": "m", "max_tokens": 4, "max_completion_tokens": 4, "parallel_tool_calls": true,
+          "messages": [{"role": "user", "content": "hi"}]})");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->sampling.max_tokens(), 4);
+}
+
+// ---- Nesting depth ------------------------------------------------------------------------------
+
+// `depth` levels of {"a": ...} around 1.
+std::string NestedObjects(int depth) {
+  std::string s;
+  for (int i = 0; i < depth; ++i) s += R"({"a":)";
+  s += "1";
+  s.append(depth, '}');
+  return s;
+}
+
+TEST(JsonDepthTest, SixtyFourLevelsAreAcceptedSixtyFiveAreNot) {
+  // The request object is level 1, tools 2, the tool 3, function 4, parameters 5.
+  auto chat_with_parameters = [](int depth) {
+    return R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type":
+        "function", "function": {"name": "f", "parameters": )" +
+           NestedObjects(depth) + "}}]}";
+  };
+  auto ok = ParseChatCompletionRequest(chat_with_parameters(kMaxJsonDepth - 4));
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->messages[0].name(), "tool_declare");  // rendered, i.e. dumped, fine
+  auto deep = ParseChatCompletionRequest(chat_with_parameters(kMaxJsonDepth - 3));
+  ASSERT_FALSE(deep.ok());
+  EXPECT_EQ(deep.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(deep.status().message(), HasSubstr("more than 64 levels deep"));
+  // Brackets inside strings are text, not nesting.
+  auto text =
+      ParseChatCompletionRequest(R"({"model": "m", "messages": [{"role": "user", "content": ")" +
+                                 std::string(10000, '[') + R"("}]})");
+  EXPECT_TRUE(text.ok()) << text.status();
+}
+
+TEST(JsonDepthTest, MillionLevelBodiesAreRefusedWithoutRecursing) {
+  constexpr int kDeep = 1'000'000;
+  const std::string arrays = std::string(kDeep, '[') + std::string(kDeep, ']');
+  const std::string objects = NestedObjects(kDeep);
+  const std::string user = R"("messages": [{"role": "user", "content": "x"}])";
+  const std::string chat_bodies[] = {
+      arrays, R"({"model": "m", "messages": )" + arrays + "}",
+      R"({"model": "m", "tools": [{"type": "function", "function": {"name": "f", "parameters": )" +
+          objects + "}}], " + user + "}",
+      // Arguments given as an object are serialized: deep ones must not get that far.
+      R"({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": "i", "function":
+          {"name": "f", "arguments": )" +
+          objects + "}}]}]}",
+      std::string(kDeep, '['),  // unterminated
+  };
+  for (const std::string& body : chat_bodies) {
+    auto r = ParseChatCompletionRequest(body);
+    ASSERT_FALSE(r.ok()) << body.substr(0, 80);
+    EXPECT_THAT(r.status().message(), HasSubstr("levels deep")) << body.substr(0, 80);
+  }
+  auto r = ParseResponsesRequest(R"({"model": "m", "input": "x", "tools": [{"type": "function",
+      "name": "f", "parameters": )" +
+                                 objects + "}]}");
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.status().message(), HasSubstr("levels deep"));
+  // Still just a syntax error when shallow.
+  EXPECT_THAT(ParseChatCompletionRequest("[[]").status().message(), HasSubstr("not valid JSON"));
 }
 
 // ---- Errors and ids -----------------------------------------------------------------------------
@@ -503,6 +587,18 @@ TEST(ChatStreamTest, HeldBackPrefixIsFlushedWhenNoCallFollows) {
   EXPECT_EQ(content, "a <|tool_calls_sec");
 }
 
+TEST(ChatStreamTest, ErrorAfterTheStartIsOneErrorEventWithoutDone) {
+  ChatStream stream("c", 5, "m", /*tools=*/false, /*include_usage=*/true);
+  std::string bytes = stream.OnText("partial");
+  bytes += stream.OnError(ErrorFromStatus(absl::UnavailableError("worker lost")));
+  const std::vector<Json> events = SseEvents(bytes);
+  ASSERT_EQ(events.size(), 3u);
+  EXPECT_EQ(events[2]["error"]["message"], "worker lost");
+  EXPECT_EQ(events[2]["error"]["type"], "server_error");
+  EXPECT_EQ(events[2]["error"]["code"], "service_unavailable");
+  EXPECT_FALSE(events[2].contains("choices"));
+}
+
 ResponseHeader Header() {
   ResponseHeader h;
   h.id = "resp_sess_3";
@@ -571,6 +667,32 @@ TEST(ResponsesStreamTest, FunctionCallsAndIncomplete) {
   EXPECT_EQ(r["incomplete_details"]["reason"], "max_output_tokens");
   ASSERT_EQ(r["output"].size(), 1u);
   EXPECT_EQ(r["output"][0]["type"], "function_call");
+}
+
+TEST(ResponsesStreamTest, ErrorEndsWithResponseFailed) {
+  ResponsesStream stream(Header(), /*tools=*/false);
+  std::string bytes = stream.OnStart() + stream.OnText("so far");
+  bytes += stream.OnError(ErrorFromStatus(absl::InternalError("commit failed")));
+  std::vector<std::string> types;
+  const std::vector<Json> events = SseEvents(bytes, &types);
+  ASSERT_EQ(types.back(), "response.failed");
+  const Json& failed = events.back();
+  EXPECT_EQ(failed["type"], "response.failed");
+  EXPECT_EQ(failed["sequence_number"], events.size() - 1);
+  EXPECT_EQ(failed["response"]["id"], "resp_sess_3");
+  EXPECT_EQ(failed["response"]["status"], "failed");
+  EXPECT_EQ(failed["response"]["error"]["code"], "server_error");
+  EXPECT_EQ(failed["response"]["error"]["message"], "commit failed");
+  EXPECT_TRUE(failed["response"]["usage"].is_null());
+  ASSERT_EQ(failed["response"]["output"].size(), 1u);
+  EXPECT_EQ(failed["response"]["output"][0]["status"], "incomplete");
+  EXPECT_EQ(failed["response"]["output"][0]["content"][0]["text"], "so far");
+  // Before any text: no output item.
+  ResponsesStream early(Header(), /*tools=*/false);
+  const std::vector<Json> early_events = SseEvents(
+      early.OnStart() + early.OnError(ErrorFromStatus(absl::ResourceExhaustedError("busy"))));
+  EXPECT_TRUE(early_events.back()["response"]["output"].empty());
+  EXPECT_EQ(early_events.back()["response"]["error"]["code"], "rate_limit_exceeded");
 }
 
 TEST(ResponsesStreamTest, EmptyReplyStillHasAMessage) {
