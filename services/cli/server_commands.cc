@@ -6,6 +6,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -49,6 +50,21 @@ int WaitForSignal() {
   int signal = 0;
   sigwait(&set, &signal);
   return signal;
+}
+
+// A worker whose backend fails for good drains and exits non-zero (ARCHITECTURE.md §8): its
+// failure wakes the signal wait like a SIGTERM would.
+void ExitOnBackendFailure(worker::Worker* worker) {
+  worker->SetFatalHandler([] { kill(getpid(), SIGTERM); });
+}
+
+// The exit code after a drain: non-zero when the backend failed.
+int ExitCode(worker::Worker* worker, int drain_code) {
+  if (const absl::Status failure = worker->backend_failure(); !failure.ok()) {
+    KLS_LOG(ERROR) << "exiting after a backend failure: " << failure;
+    return 1;
+  }
+  return drain_code;
 }
 
 // Prints the error and returns the exit code.
@@ -285,6 +301,7 @@ std::function<int()> AddServeCommand(CLI::App& app) {
     if (!http.ok()) return Fail(http.status(), 1);
     std::fprintf(stderr, "kls serve: listening on %s (model %s, data %s)\n", listen->c_str(),
                  flags->model.c_str(), flags->data_dir.c_str());
+    ExitOnBackendFailure(worker->get());
     const int signal = WaitForSignal();
     KLS_LOG(INFO) << "signal " << signal << ": draining";
     // HTTP first: no new requests; its running turns finish (or are cancelled after the drain
@@ -293,7 +310,7 @@ std::function<int()> AddServeCommand(CLI::App& app) {
     const int code = Shutdown(worker->get(), flags->drain_timeout_s, {server.get()});
     (*router)->Shutdown();
     worker_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
-    return code;
+    return ExitCode(worker->get(), code);
   };
 }
 
@@ -318,8 +335,9 @@ std::function<int()> AddWorkerCommand(CLI::App& app) {
     if (server == nullptr) return 1;
     (*worker)->AttachHealth(server->GetHealthCheckService());
     std::fprintf(stderr, "kls worker: listening on %s\n", listen->c_str());
+    ExitOnBackendFailure(worker->get());
     WaitForSignal();
-    return Shutdown(worker->get(), flags->drain_timeout_s, {server.get()});
+    return ExitCode(worker->get(), Shutdown(worker->get(), flags->drain_timeout_s, {server.get()}));
   };
 }
 

@@ -460,14 +460,18 @@ class Engine::Impl {
     int not_durable = -1;
     while (absl::Now() < deadline) {
       auto count = std::make_shared<std::atomic<int>>(-1);
-      Post([this, count] {
+      auto lost = std::make_shared<std::atomic<bool>>(false);
+      Post([this, count, lost] {
         int n = 0;
+        // A failed backend cannot export state: what is not durable now is lost.
+        *lost = !backend_failure_.ok();
         for (auto& [key, session] : hot_) {
           if (session->durable.has_value() &&
               session->durable->version() == session->record.version()) {
             continue;
           }
           ++n;
+          if (*lost) continue;
           session->next_writeback = absl::InfinitePast();  // no backoff while draining
           ScheduleWriteback(*session);
         }
@@ -476,6 +480,11 @@ class Engine::Impl {
       while (count->load() < 0 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
       not_durable = count->load();
       if (not_durable == 0) return absl::OkStatus();
+      if (lost->load()) {
+        return absl::DataLossError(absl::StrCat(
+            "drain: the backend failed; the uncommitted turns of ", not_durable,
+            " hot sessions are lost (their last committed versions are in the store)"));
+      }
       if (!wait_idle()) break;
       absl::SleepFor(absl::Milliseconds(20));  // a store that refused is retried, not hammered
     }

@@ -46,9 +46,7 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& opti
                 << " backend";
   EngineOptions engine_options = options.engine;
   engine_options.on_backend_failure = [w = worker.get()](const absl::Status& status) {
-    KLS_LOG(ERROR) << "worker: the backend failed for good (" << status
-                   << "); reporting NOT_SERVING so the router moves sessions elsewhere";
-    w->SetServing(false);
+    w->RecordBackendFailure(status);
   };
   KLS_ASSIGN_OR_RETURN(worker->engine_,
                        Engine::Create(engine_options, std::move(loaded.model),
@@ -72,6 +70,30 @@ Worker::~Worker() {
 void Worker::AttachHealth(grpc::HealthCheckServiceInterface* health) {
   health_.store(health);
   SetServing(true);
+}
+
+void Worker::RecordBackendFailure(const absl::Status& status) {
+  KLS_LOG(ERROR) << "worker: the backend failed for good (" << status
+                 << "); reporting NOT_SERVING so the router moves sessions elsewhere";
+  SetServing(false);
+  std::function<void()> on_fatal;
+  {
+    absl::MutexLock lock(&failure_mu_);
+    if (!backend_failure_.ok()) return;
+    backend_failure_ = status;
+    on_fatal = on_fatal_;
+  }
+  if (on_fatal) on_fatal();
+}
+
+absl::Status Worker::backend_failure() const {
+  absl::MutexLock lock(&failure_mu_);
+  return backend_failure_;
+}
+
+void Worker::SetFatalHandler(std::function<void()> on_fatal) {
+  absl::MutexLock lock(&failure_mu_);
+  on_fatal_ = std::move(on_fatal);
 }
 
 void Worker::SetServing(bool serving) {

@@ -7,12 +7,14 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "engine/backend/factory.h"
@@ -62,6 +64,12 @@ class Worker {
   // sessions are written back. DEADLINE_EXCEEDED if that takes longer than `timeout`.
   absl::Status Drain(absl::Duration timeout);
 
+  // The backend's fatal failure (a sticky GPU error; ARCHITECTURE.md §8), OK while healthy. The
+  // worker then reports NOT_SERVING, refuses turns with UNAVAILABLE and calls `on_fatal` once
+  // (the kls program drains and exits non-zero). Thread-safe.
+  absl::Status backend_failure() const;
+  void SetFatalHandler(std::function<void()> on_fatal);
+
  private:
   Worker() = default;
   void GcLoop(absl::Duration interval, absl::Duration grace);
@@ -71,6 +79,11 @@ class Worker {
   std::unique_ptr<WorkerService> service_;
   // Sets the health status of service "" and "kls.v1.Worker" (no-op before AttachHealth).
   void SetServing(bool serving);
+  void RecordBackendFailure(const absl::Status& status);
+
+  mutable absl::Mutex failure_mu_;
+  absl::Status backend_failure_ ABSL_GUARDED_BY(failure_mu_);
+  std::function<void()> on_fatal_ ABSL_GUARDED_BY(failure_mu_);
 
   std::atomic<grpc::HealthCheckServiceInterface*> health_{nullptr};
   absl::Notification stop_gc_;

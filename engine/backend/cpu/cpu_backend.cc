@@ -140,6 +140,12 @@ absl::Status CpuBackend::Rollback(const StateCheckpoint& checkpoint, BackendStat
 }
 
 absl::Status CpuBackend::Forward(std::span<const SequenceInput> batch, std::span<float> logits) {
+  if (!injected_fault_.ok()) return injected_fault_;
+  if (options_.fail_after_forwards >= 0 && forwards_ >= options_.fail_after_forwards) {
+    injected_fault_ = absl::InternalError("injected fault: the backend failed for good");
+    return injected_fault_;
+  }
+  ++forwards_;
   std::vector<HostSequenceInput> host(batch.size());
   for (size_t n = 0; n < batch.size(); ++n) {
     host[n].tokens = batch[n].tokens;

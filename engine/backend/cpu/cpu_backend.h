@@ -28,6 +28,10 @@ struct CpuBackendOptions {
   // CloneState and ImportState return RESOURCE_EXHAUSTED, as the CUDA backend does when its
   // state slots run out (tests use it to exercise that path without a GPU).
   int max_states = 0;
+  // Fault injection (tests of the worker's fatal-error path): after this many successful
+  // forward passes every Forward fails and healthy() reports the failure for good, as after a
+  // sticky GPU error. < 0: never.
+  int fail_after_forwards = -1;
 };
 
 // A sequence of a host-state forward (CpuBackend::ForwardHost).
@@ -51,6 +55,7 @@ class CpuBackend final : public Backend {
   absl::StatusOr<std::unique_ptr<StateCheckpoint>> Checkpoint(const BackendState& state) override;
   absl::Status Rollback(const StateCheckpoint& checkpoint, BackendState* state) override;
   absl::Status Forward(std::span<const SequenceInput> batch, std::span<float> logits) override;
+  absl::Status healthy() const override { return injected_fault_; }
   const ModelConfig& config() const override { return weights_->config; }
   std::string_view name() const override { return "cpu"; }
 
@@ -80,6 +85,8 @@ class CpuBackend final : public Backend {
   std::shared_ptr<const ModelWeights> weights_;
   CpuBackendOptions options_;
   std::shared_ptr<int> live_states_ = std::make_shared<int>(0);  // shared with the states
+  int forwards_ = 0;
+  absl::Status injected_fault_;
 };
 
 }  // namespace kls::engine

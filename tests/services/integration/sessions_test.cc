@@ -3,11 +3,13 @@
 // token sequence (greedy), which is what "the state carried between turns is exact" means.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <thread>
 
 #include "common/file_util.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "services/store/remote_shard.h"
 #include "tests/services/integration/cluster.h"
 
@@ -463,6 +465,47 @@ TEST(EvictionTest, BackendOutOfStateSlotsEvictsIdleSessions) {
   }
   EXPECT_GT(worker->worker->engine().GetLoad().evictions_total(), 0u);
   EXPECT_LE(worker->worker->engine().GetLoad().hot_sessions(), 3u);  // max_states
+}
+
+// A backend that fails for good (a sticky GPU error; ARCHITECTURE.md §8): the turn in flight
+// fails with UNAVAILABLE (the router retries it elsewhere), the worker reports NOT_SERVING and
+// calls its fatal handler once (kls then drains and exits non-zero), and later turns are refused
+// with UNAVAILABLE instead of touching the broken backend.
+TEST(BackendFailureTest, StickyFailureTakesTheWorkerOutOfService) {
+  worker::WorkerOptions options;
+  options.data_dir = ScratchDir();
+  options.backend.cpu.fail_after_forwards = 2;  // the first turn's two steps succeed
+  std::unique_ptr<ServedWorker> worker = StartWorker(options);
+  ASSERT_NE(worker, nullptr);
+  std::atomic<int> fatal_calls{0};
+  worker->worker->SetFatalHandler([&fatal_calls] { fatal_calls.fetch_add(1); });
+  auto channel = grpc::CreateChannel(worker->address, grpc::InsecureChannelCredentials());
+  std::unique_ptr<ServedRouter> router = StartRouter({worker->address});
+  ASSERT_TRUE(CreateSession(router->client.get(), "doomed").ok());
+  kls::v1::GenerateRequest first = TokensTurn("doomed", InputTokens(4, 2), 2);
+  first.set_commit(kls::v1::COMMIT_POLICY_NONE);  // held in memory, not yet durable
+  ASSERT_TRUE(RunTurn(router->client.get(), first).status.ok());
+  const TurnResult failed =
+      RunTurn(router->client.get(), TokensTurn("doomed", InputTokens(4, 1), 16));
+  EXPECT_EQ(failed.status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << failed.status.error_message();
+  EXPECT_FALSE(worker->worker->backend_failure().ok());
+  EXPECT_EQ(fatal_calls.load(), 1);
+  grpc::health::v1::HealthCheckRequest health_request;
+  grpc::health::v1::HealthCheckResponse health;
+  grpc::ClientContext context;
+  ASSERT_TRUE(
+      grpc::health::v1::Health::NewStub(channel)->Check(&context, health_request, &health).ok());
+  EXPECT_EQ(health.status(), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  // The worker refuses further turns without touching the backend.
+  const TurnResult refused = RunTurn(router->client.get(), TokensTurn("doomed", {65}, 2));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(fatal_calls.load(), 1);
+  // The drain does not wait for write-backs a failed backend cannot make; it says what is lost.
+  const absl::Time start = absl::Now();
+  const absl::Status drained = worker->worker->Drain(absl::Seconds(20));
+  EXPECT_TRUE(absl::IsDataLoss(drained)) << drained;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
 }
 
 // Drain writes back NONE turns; when the store is gone it keeps retrying and then says how many
