@@ -1,14 +1,16 @@
 #include "services/common/metrics_exporter.h"
 
 #include <arpa/inet.h>
+#include <httplib.h>
 #include <netinet/in.h>
 #include <prometheus/check_names.h>
 #include <prometheus/client_metric.h>
 #include <prometheus/collectable.h>
-#include <prometheus/exposer.h>
 #include <prometheus/metric_family.h>
+#include <prometheus/text_serializer.h>
 
-#include <exception>
+#include <chrono>
+#include <thread>
 
 #include "absl/algorithm/container.h"
 #include "absl/container/flat_hash_map.h"
@@ -18,14 +20,15 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
+#include "services/common/http_socket.h"
 
 namespace kls::services {
 namespace {
 
 // Scrapes are small and rare (one every few seconds per Prometheus replica); two threads keep one
 // slow client from blocking the next scrape, and the timeout bounds how long it can hold one.
-constexpr char kServerThreads[] = "2";
-constexpr char kRequestTimeoutMs[] = "10000";
+constexpr size_t kServerThreads = 2;
+constexpr time_t kRequestTimeoutSeconds = 10;
 
 // Adapts the collector to prometheus-cpp: samples grouped into families, in first-seen order.
 class CallbackCollectable : public prometheus::Collectable {
@@ -113,10 +116,14 @@ absl::Status ValidateMetricsAddress(const std::string& address) {
 }
 
 struct MetricsExporter::Impl {
-  // Declared first so it is destroyed last: the exposer (destroyed first) stops its threads, and
-  // only holds a weak pointer to this.
   std::shared_ptr<CallbackCollectable> collectable;
-  std::unique_ptr<prometheus::Exposer> exposer;
+  httplib::Server server;
+  std::thread thread;  // runs the server's accept loop
+
+  ~Impl() {
+    server.stop();
+    if (thread.joinable()) thread.join();
+  }
 };
 
 MetricsExporter::MetricsExporter(std::unique_ptr<Impl> impl, int port)
@@ -130,22 +137,33 @@ absl::StatusOr<std::unique_ptr<MetricsExporter>> MetricsExporter::Start(const st
   if (collector == nullptr) return absl::InvalidArgumentError("metrics: no collector");
   auto impl = std::make_unique<Impl>();
   impl->collectable = std::make_shared<CallbackCollectable>(std::move(collector));
-  // Third-party code that throws: civetweb (through prometheus-cpp) reports a failed listen by
-  // throwing from the constructor. Caught here, at the boundary, and turned into a status.
-  try {
-    impl->exposer = std::make_unique<prometheus::Exposer>(
-        std::vector<std::string>{"listening_ports", address, "num_threads", kServerThreads,
-                                 "request_timeout_ms", kRequestTimeoutMs});
-  } catch (const std::exception& e) {
+  impl->server.new_task_queue = [] { return new httplib::ThreadPool(kServerThreads); };
+  impl->server.set_socket_options(ExclusivePortSocketOptions);
+  impl->server.set_read_timeout(kRequestTimeoutSeconds, 0);
+  impl->server.set_write_timeout(kRequestTimeoutSeconds, 0);
+  CallbackCollectable* collectable = impl->collectable.get();
+  impl->server.Get("/metrics", [collectable](const httplib::Request&, httplib::Response& res) {
+    res.set_content(prometheus::TextSerializer().Serialize(collectable->Collect()),
+                    "text/plain; version=0.0.4");
+  });
+  const size_t colon = address.rfind(':');
+  std::string host = address.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+  int port = 0;
+  absl::SimpleAtoi(address.substr(colon + 1), &port);  // validated above
+  if (port == 0) {
+    port = impl->server.bind_to_any_port(host);
+  } else if (!impl->server.bind_to_port(host, port)) {
+    port = -1;
+  }
+  if (port <= 0) {
     return absl::UnavailableError(
-        absl::StrCat("metrics: cannot listen on ", address, " (port taken?): ", e.what()));
+        absl::StrCat("metrics: cannot listen on ", address, " (port taken?)"));
   }
-  impl->exposer->RegisterCollectable(impl->collectable);
-  const std::vector<int> ports = impl->exposer->GetListeningPorts();
-  if (ports.size() != 1 || ports[0] <= 0) {
-    return absl::UnavailableError(absl::StrCat("metrics: no listening port for ", address));
-  }
-  const int port = ports[0];
+  impl->thread = std::thread([server = &impl->server] { server->listen_after_bind(); });
+  // httplib 0.11's stop() is a no-op until the accept loop runs, so Start returns only once it
+  // does (a destructor right after Start must not wait forever).
+  while (!impl->server.is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   return std::unique_ptr<MetricsExporter>(new MetricsExporter(std::move(impl), port));
 }
 

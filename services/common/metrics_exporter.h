@@ -1,7 +1,8 @@
-// A Prometheus scrape endpoint: `GET /metrics` over HTTP in the text exposition format, served by
-// prometheus-cpp's Exposer (civetweb) on its own port. The values are produced by a callback at
-// scrape time, so they are exactly what the process already publishes elsewhere (a worker's
-// kls.v1.Worker/GetLoad snapshot): nothing is counted twice and nothing is added to the hot path.
+// A Prometheus scrape endpoint: `GET /metrics` over HTTP in the text exposition format
+// (prometheus-cpp's serializer), served by cpp-httplib on its own port. The values are produced by
+// a callback at scrape time, so they are exactly what the process already publishes elsewhere (a
+// worker's kls.v1.Worker/GetLoad snapshot): nothing is counted twice and nothing is added to the
+// hot path.
 //
 //   KLS_ASSIGN_OR_RETURN(std::unique_ptr<MetricsExporter> metrics,
 //                        MetricsExporter::Start("0.0.0.0:9090", [&] { return Samples(); }));
@@ -33,7 +34,7 @@ struct MetricSample {
 
 // Checks a listen address for the exporter: "IP:PORT" with an IPv4 literal or a bracketed IPv6
 // literal ("[::]:9090") and a port in [0, 65535] (0: any free port). INVALID_ARGUMENT naming the
-// address otherwise (civetweb would read suffixes like "9090s" as options, and resolves no names).
+// address otherwise (names are not resolved: the exporter binds exactly what it is given).
 absl::Status ValidateMetricsAddress(const std::string& address);
 
 // Thread-safe. The collector runs on the exporter's HTTP threads, possibly two at once, so it

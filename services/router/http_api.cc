@@ -26,6 +26,7 @@
 #include "common/status_macros.h"
 #include "kls/v1/sessions.grpc.pb.h"
 #include "services/common/grpc_status.h"
+#include "services/common/http_socket.h"
 #include "services/common/session_ids.h"
 #include "services/router/kimi_tool_calls.h"
 #include "services/router/openai_protocol.h"
@@ -255,6 +256,7 @@ class HttpApi::Impl {
     // A running turn holds its handler's thread, so turns alone never take the whole pool.
     const int threads = options_.max_inflight + options_.threads;
     server_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+    server_.set_socket_options(services::ExclusivePortSocketOptions);
     server_.set_payload_max_length(options_.max_body_bytes);
     server_.set_keep_alive_timeout(2);  // bounds how long Stop waits for idle connections
     server_.set_error_handler([](const httplib::Request&, httplib::Response& res) {

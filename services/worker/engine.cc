@@ -982,10 +982,11 @@ class Engine::Impl {
           fatal
               ? absl::UnavailableError(absl::StrCat("worker's backend failed: ", health.message()))
               : status;
+      // The failure is reported (NOT_SERVING) before any turn hears of it.
+      if (fatal && options_.on_backend_failure) options_.on_backend_failure(health);
       for (ActiveTurn* owner : owners) Abort(owner, reason);
       if (fatal) {
         while (!active_.empty()) Abort(active_.front().get(), reason);
-        if (options_.on_backend_failure) options_.on_backend_failure(health);
       }
       return;
     }
