@@ -75,16 +75,24 @@ struct Rng {
   }
 };
 
-std::vector<float> RandomTensor(const WeightBinding& b, uint64_t seed) {
+// Whether the binding is the last projection of a residual branch (MakeModelOptions::
+// residual_scale).
+bool IsResidualOutput(const WeightBinding& b) {
+  return b.name.ends_with("o_proj.weight") || b.name.ends_with("down_proj.weight") ||
+         b.name.ends_with("w2.weight");
+}
+
+std::vector<float> RandomTensor(const WeightBinding& b, uint64_t seed, double residual_scale) {
   int64_t n = 1;
   for (int64_t s : b.shape) n *= s;
   std::vector<float> v(static_cast<size_t>(n));
   Rng rng{Xxh3_64(b.name, seed)};
-  const double fan_in = static_cast<double>(b.shape.back());
+  const double linear_scale =
+      (IsResidualOutput(b) ? residual_scale : 1.0) / std::sqrt(static_cast<double>(b.shape.back()));
   for (float& x : v) {
     switch (b.init) {
       case WeightInit::kLinear:
-        x = static_cast<float>(rng.Normal() / std::sqrt(fan_in));
+        x = static_cast<float>(rng.Normal() * linear_scale);
         break;
       case WeightInit::kEmbedding:
         x = static_cast<float>(rng.Normal());
@@ -208,6 +216,10 @@ absl::StatusOr<ModelConfig> PresetConfig(std::string_view name) {
 
 absl::Status MakeModel(const ModelConfig& config, const MakeModelOptions& options) {
   if (options.out_dir.empty()) return absl::InvalidArgumentError("make-model: --out is empty");
+  if (!(options.residual_scale > 0) || !std::isfinite(options.residual_scale)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("make-model: residual_scale ", options.residual_scale, " is not > 0"));
+  }
   const int64_t num_ranks = kByteVocab;
   if (num_ranks + kSpecialSlots > config.vocab_size) {
     return absl::InvalidArgumentError(absl::StrCat("vocab_size ", config.vocab_size,
@@ -250,7 +262,8 @@ absl::Status MakeModel(const ModelConfig& config, const MakeModelOptions& option
   int64_t shard_bytes = 0;
   for (size_t i = 0; i < bindings.size(); ++i) {
     const DType dtype = bindings[i].keep_fp32 ? DType::kF32 : options.dtype;
-    blobs.push_back(EncodeAs(RandomTensor(bindings[i], options.seed), dtype));
+    blobs.push_back(
+        EncodeAs(RandomTensor(bindings[i], options.seed, options.residual_scale), dtype));
     const int64_t size = static_cast<int64_t>(blobs.back().size());
     if (options.max_shard_bytes > 0 && shard_bytes > 0 &&
         shard_bytes + size > options.max_shard_bytes) {

@@ -32,6 +32,12 @@ struct MakeModelOptions {
   DType dtype = DType::kBF16;   // weights; A_log, dt_bias and the router bias stay fp32 as released
   bool with_weights = true;     // false: config and tokenizer only
   int64_t max_shard_bytes = 0;  // > 0: split into model-0000i-of-0000n.safetensors + index
+  // Multiplies the init of each residual branch's last projection (attention o_proj, the MLP's
+  // and experts' down projections); must be > 0. 1/√(2·layers) is GPT-2's scaled init, under
+  // which a layer adds a small update to the residual stream, as in trained models, instead of
+  // one as large as the stream. End-to-end comparisons of bf16 and fp32 engines use it, since
+  // at 1 the random model amplifies a rounding difference tenfold or more over 8 layers.
+  double residual_scale = 1.0;
 };
 
 // Writes config.json, model.safetensors (or shards + model.safetensors.index.json),

@@ -15,6 +15,7 @@ std::function<int()> AddMakeModelCommand(CLI::App& app) {
     std::string dtype = "bf16";
     bool config_only = false;
     int64_t shard_mb = 0;
+    double residual_scale = 1.0;
   };
   auto flags = std::make_shared<Flags>();
   CLI::App* cmd = app.add_subcommand(
@@ -31,6 +32,9 @@ std::function<int()> AddMakeModelCommand(CLI::App& app) {
   cmd->add_option("--shard-mb", flags->shard_mb,
                   "Split weights into shards of at most this many MiB (0: one file)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
+  cmd->add_option("--residual-scale", flags->residual_scale,
+                  "Scale of the residual branches' output projections (GPT-2's scaled init is "
+                  "1/sqrt(2*layers); 1: unscaled)");
   return [flags]() -> int {
     absl::StatusOr<engine::ModelConfig> config = engine::PresetConfig(flags->preset);
     if (!config.ok()) {
@@ -45,6 +49,7 @@ std::function<int()> AddMakeModelCommand(CLI::App& app) {
                                             : engine::DType::kBF16;
     options.with_weights = !flags->config_only;
     options.max_shard_bytes = flags->shard_mb << 20;
+    options.residual_scale = flags->residual_scale;
     if (absl::Status s = engine::MakeModel(*config, options); !s.ok()) {
       std::fprintf(stderr, "kls make-model: %s\n", s.ToString().c_str());
       return 1;

@@ -34,10 +34,11 @@ inline std::string ScratchDir() {
   return dir;
 }
 
-// Writes the preset (f32 weights unless told otherwise) to a fresh temp dir; returns the dir.
+// Writes the preset (f32 weights unless told otherwise; MakeModelOptions for the rest) to a
+// fresh temp dir; returns the dir.
 inline std::string WriteModel(const std::string& preset, uint64_t seed,
                               engine::DType dtype = engine::DType::kF32,
-                              int64_t max_shard_bytes = 0) {
+                              int64_t max_shard_bytes = 0, double residual_scale = 1.0) {
   const std::string dir = ScratchDir() + "/" + preset;
   absl::StatusOr<engine::ModelConfig> config = engine::PresetConfig(preset);
   EXPECT_TRUE(config.ok()) << config.status();
@@ -46,6 +47,7 @@ inline std::string WriteModel(const std::string& preset, uint64_t seed,
   options.seed = seed;
   options.dtype = dtype;
   options.max_shard_bytes = max_shard_bytes;
+  options.residual_scale = residual_scale;
   absl::Status s = engine::MakeModel(*config, options);
   EXPECT_TRUE(s.ok()) << s;
   return dir;

@@ -71,6 +71,10 @@ const SessionState* CpuBackend::HostState(const BackendState& state) const {
   return &static_cast<const CpuState&>(state).state;
 }
 
+void CpuBackend::Store(float* x, int64_t n) const {
+  if (options_.bf16_activations) cpu::RoundToBf16(x, n);
+}
+
 absl::Status CpuBackend::CheckRoom() const {
   if (options_.max_states > 0 && *live_states_ >= options_.max_states) {
     return absl::ResourceExhaustedError(
@@ -227,6 +231,7 @@ absl::Status CpuBackend::ForwardHost(std::span<const HostSequenceInput> batch,
   std::vector<float> normed(t_total * d), delta(t_total * d);
   for (const LayerWeights& layer : weights_->layers) {
     kernels::RmsNormReference(x.data(), layer.input_norm.data(), t_total, d, eps, normed.data());
+    Store(normed);
     if (layer.kind == LayerKind::kKda) {
       KdaMixer(layer, packed, normed.data(), delta.data());
     } else {
@@ -235,9 +240,11 @@ absl::Status CpuBackend::ForwardHost(std::span<const HostSequenceInput> batch,
     for (int64_t i = 0; i < t_total * d; ++i) x[i] += delta[i];
     kernels::RmsNormReference(x.data(), layer.post_attn_norm.data(), t_total, d, eps,
                               normed.data());
+    Store(normed);
     if (layer.ffn == FfnKind::kDense) {
       cpu::SwiGlu(normed.data(), layer.mlp.gate.data(), layer.mlp.up.data(), layer.mlp.down.data(),
-                  t_total, d, c.intermediate_size, delta.data());
+                  t_total, d, c.intermediate_size, delta.data(),
+                  Rounding(cpu::SwiGluRounding::kSeparateGateUp));
     } else {
       MoeFfn(layer, t_total, normed.data(), delta.data());
     }
@@ -256,6 +263,7 @@ absl::Status CpuBackend::ForwardHost(std::span<const HostSequenceInput> batch,
   }
   kernels::RmsNormReference(last.data(), weights_->final_norm.data(),
                             static_cast<int64_t>(batch.size()), d, eps, last.data());
+  Store(last);
   cpu::Linear(last.data(), weights_->lm_head.data(), static_cast<int64_t>(batch.size()), d,
               c.vocab_size, logits.data());
   return absl::OkStatus();
@@ -281,6 +289,7 @@ void CpuBackend::KdaMixer(const LayerWeights& layer, const Packed& packed, const
   std::vector<float*> conv_states(num_seqs);
   for (int stream = 0; stream < 3; ++stream) {
     cpu::Linear(a, proj_w[stream]->data(), t_total, d, hk, proj.data());
+    Store(proj);
     for (size_t n = 0; n < num_seqs; ++n) {
       conv_states[n] = packed.states[n]->kda()[layer.state_slot].conv.data() +
                        static_cast<int64_t>(stream) * (width - 1) * hk;
@@ -288,6 +297,7 @@ void CpuBackend::KdaMixer(const LayerWeights& layer, const Packed& packed, const
     kernels::CausalConv1dSiluReference(proj.data(), conv_w[stream]->data(),
                                        packed.cu_seqlens.data(), static_cast<int64_t>(num_seqs), hk,
                                        width, conv_states.data(), conv_out[stream]);
+    Store(conv_out[stream], t_total * hk);
   }
   kernels::L2NormReference(q.data(), t_total * h, k, 1e-6, q.data());
   kernels::L2NormReference(kk.data(), t_total * h, k, 1e-6, kk.data());
@@ -295,9 +305,12 @@ void CpuBackend::KdaMixer(const LayerWeights& layer, const Packed& packed, const
   // Forget gate (low rank, then the unbounded gate) and beta.
   std::vector<float> low(t_total * k), g(t_total * hk), beta(t_total * h);
   cpu::Linear(a, w.f_a_proj.data(), t_total, d, k, low.data());
+  Store(low);
   cpu::Linear(low.data(), w.f_b_proj.data(), t_total, k, hk, proj.data());
+  Store(proj);
   kernels::KdaGateReference(proj.data(), w.a_log.data(), w.dt_bias.data(), t_total, h, k, g.data());
   cpu::Linear(a, w.b_proj.data(), t_total, d, h, beta.data());
+  Store(beta);
   for (float& b : beta) b = 1.0f / (1.0f + std::exp(-b));
 
   // The delta rule per sequence: the recurrence for a few tokens, the chunked form otherwise.
@@ -328,11 +341,16 @@ void CpuBackend::KdaMixer(const LayerWeights& layer, const Packed& packed, const
   }
 
   // Output gate: gated RMSNorm with the sigmoid of the low-rank gate, then o_proj.
+  Store(o);
   cpu::Linear(a, w.g_a_proj.data(), t_total, d, k, low.data());
+  Store(low);
   cpu::Linear(low.data(), w.g_b_proj.data(), t_total, k, hk, proj.data());
+  Store(proj);
   kernels::GatedRmsNormReference(o.data(), proj.data(), w.o_norm.data(), t_total, h, k,
                                  c.rms_norm_eps, o.data());
+  Store(o);
   cpu::Linear(o.data(), w.o_proj.data(), t_total, hk, d, out);
+  Store(out, t_total * d);
 }
 
 void CpuBackend::MlaMixer(const LayerWeights& layer, const Packed& packed, const float* a,
@@ -350,12 +368,15 @@ void CpuBackend::MlaMixer(const LayerWeights& layer, const Packed& packed, const
 
   std::vector<float> q(t_total * nh * dqk), kv(t_total * cache_dim);
   cpu::Linear(a, w.q_proj.data(), t_total, d, nh * dqk, q.data());
+  Store(q);
   cpu::Linear(a, w.kv_a_proj.data(), t_total, d, cache_dim, kv.data());
+  Store(kv);
   // Cache row = [RMSNorm(c), k_pe]: the latent is normalized before it is cached.
   for (int64_t t = 0; t < t_total; ++t) {
     float* row = kv.data() + t * cache_dim;
     kernels::RmsNormReference(row, w.kv_a_layernorm.data(), 1, dc, c.rms_norm_eps, row);
   }
+  Store(kv);
 
   std::vector<float> attn(t_total * nh * dv);
   for (size_t n = 0; n < packed.states.size(); ++n) {
@@ -388,6 +409,7 @@ void CpuBackend::MlaMixer(const LayerWeights& layer, const Packed& packed, const
                   latent.begin() + t * dc);
       }
       cpu::Linear(latent.data(), w.kv_b_proj.data(), ctx, dc, nh * (dn + dv), kvb.data());
+      Store(kvb);
       std::vector<float> keys(ctx * nh * dqk), values(ctx * nh * dv);
       for (int64_t t = 0; t < ctx; ++t) {
         const float* k_pe = cache.data() + t * cache_dim + dc;
@@ -403,7 +425,9 @@ void CpuBackend::MlaMixer(const LayerWeights& layer, const Packed& packed, const
                                             scale, os);
     }
   }
+  Store(attn);
   cpu::Linear(attn.data(), w.o_proj.data(), t_total, nh * dv, d, out);
+  Store(out, t_total * d);
 }
 
 void CpuBackend::MoeFfn(const LayerWeights& layer, int64_t rows, const float* b, float* out) {
@@ -424,7 +448,7 @@ void CpuBackend::MoeFfn(const LayerWeights& layer, int64_t rows, const float* b,
 
   // Shared expert on every token, then each routed expert on the tokens that chose it.
   cpu::SwiGlu(b, w.shared.gate.data(), w.shared.up.data(), w.shared.down.data(), rows, d,
-              width * c.num_shared_experts, out);
+              width * c.num_shared_experts, out, Rounding(cpu::SwiGluRounding::kSeparateGateUp));
   std::vector<std::vector<std::pair<int64_t, float>>> routed(e);
   for (int64_t t = 0; t < rows; ++t) {
     for (int j = 0; j < top_k; ++j)
@@ -442,13 +466,14 @@ void CpuBackend::MoeFfn(const LayerWeights& layer, int64_t rows, const float* b,
     }
     const SwiGluWeights& ex = w.experts[x];
     cpu::SwiGlu(gathered.data(), ex.gate.data(), ex.up.data(), ex.down.data(), m, d, width,
-                expert_out.data());
+                expert_out.data(), Rounding(cpu::SwiGluRounding::kFusedGateUp));
     for (int64_t i = 0; i < m; ++i) {
       float* dst = out + members[i].first * d;
       const float wt = members[i].second;
       for (int64_t j = 0; j < d; ++j) dst[j] += wt * expert_out[i * d + j];
     }
   }
+  Store(out, rows * d);
 }
 
 }  // namespace kls::engine

@@ -1,5 +1,6 @@
-// The CPU backend: fp32 everywhere, the kernels/<op> references for attention, conv, norms and
-// routing, and cpu_ops for the dense projections. The correct reference and the CI path.
+// The CPU backend: fp32 everywhere (or with bf16 activations, to model the CUDA backend), the
+// kernels/<op> references for attention, conv, norms and routing, and cpu_ops for the dense
+// projections. The correct reference and the CI path.
 #ifndef KLS_ENGINE_BACKEND_CPU_CPU_BACKEND_H_
 #define KLS_ENGINE_BACKEND_CPU_CPU_BACKEND_H_
 
@@ -10,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/backend/backend.h"
+#include "engine/backend/cpu/cpu_ops.h"
 #include "engine/model/weights.h"
 #include "kernels/moe/moe_ref.h"
 
@@ -32,6 +34,12 @@ struct CpuBackendOptions {
   // forward passes every Forward fails and healthy() reports the failure for good, as after a
   // sticky GPU error. < 0: never.
   int fail_after_forwards = -1;
+  // Round every activation the CUDA backend stores in bf16 (projection inputs and outputs,
+  // conv and attention outputs, the MLA cache, SwiGLU intermediates, layer outputs) to bf16,
+  // keeping the residual stream, router logits, logits and the KDA state in fp32 as it does.
+  // The fp32 reference with the GPU's storage precision: comparisons against it measure a bf16
+  // engine's arithmetic rather than how much the model amplifies bf16 rounding.
+  bool bf16_activations = false;
 };
 
 // A sequence of a host-state forward (CpuBackend::ForwardHost).
@@ -78,6 +86,13 @@ class CpuBackend final : public Backend {
   void KdaMixer(const LayerWeights& layer, const Packed& packed, const float* a, float* out);
   void MlaMixer(const LayerWeights& layer, const Packed& packed, const float* a, float* out);
   void MoeFfn(const LayerWeights& layer, int64_t rows, const float* b, float* out);
+
+  // Rounds x [n] to bf16 in place when options_.bf16_activations is set.
+  void Store(float* x, int64_t n) const;
+  void Store(std::vector<float>& x) const { Store(x.data(), static_cast<int64_t>(x.size())); }
+  cpu::SwiGluRounding Rounding(cpu::SwiGluRounding bf16) const {
+    return options_.bf16_activations ? bf16 : cpu::SwiGluRounding::kNone;
+  }
 
   // RESOURCE_EXHAUSTED when options_.max_states states are alive.
   absl::Status CheckRoom() const;

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <vector>
 
+#include "engine/model/safetensors.h"
+
 namespace kls::engine::cpu {
 namespace {
 
@@ -33,16 +35,27 @@ void Linear(const float* x, const float* w, int64_t rows, int64_t in, int64_t ou
   }
 }
 
+void RoundToBf16(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = Bf16ToFloat(FloatToBf16(x[i]));
+}
+
 void SwiGlu(const float* x, const float* gate, const float* up, const float* down, int64_t rows,
-            int64_t dim, int64_t width, float* y) {
-  std::vector<float> g(rows * width), u(rows * width);
+            int64_t dim, int64_t width, float* y, SwiGluRounding rounding) {
+  const int64_t n = rows * width;
+  std::vector<float> g(n), u(n);
   Linear(x, gate, rows, dim, width, g.data());
   Linear(x, up, rows, dim, width, u.data());
-  for (int64_t i = 0; i < rows * width; ++i) {
+  if (rounding == SwiGluRounding::kSeparateGateUp) {
+    RoundToBf16(g.data(), n);
+    RoundToBf16(u.data(), n);
+  }
+  for (int64_t i = 0; i < n; ++i) {
     const float a = g[i];
     g[i] = a / (1.0f + std::exp(-a)) * u[i];
   }
+  if (rounding != SwiGluRounding::kNone) RoundToBf16(g.data(), n);
   Linear(g.data(), down, rows, width, dim, y);
+  if (rounding != SwiGluRounding::kNone) RoundToBf16(y, rows * dim);
 }
 
 }  // namespace kls::engine::cpu

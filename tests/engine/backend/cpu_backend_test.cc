@@ -4,10 +4,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <random>
 #include <tuple>
 #include <vector>
 
+#include "engine/model/safetensors.h"
 #include "tests/engine/tiny_model.h"
 #include "tests/test_util.h"
 
@@ -223,6 +225,42 @@ TEST(CpuBackendTest, RouterWeightingSwitchChangesLogits) {
   std::vector<float> l2 = RunPieces(*biased, {tokens}, &s2);
   EXPECT_GT(kls::testing::MaxRelativeError(std::span<const float>(l1), std::span<const float>(l2)),
             1e-3);
+}
+
+// bf16_activations stores in bf16 what the CUDA backend stores in bf16 (the MLA cache rows, the
+// conv state's projections) and keeps the KDA state in fp32; it moves the logits by about what
+// bf16 storage costs, and piecewise prefill equals one prefill to bf16 precision.
+TEST(CpuBackendTest, Bf16ActivationsRoundWhatTheGpuStoresInBf16) {
+  const ModelConfig& config = TinyModel().weights->config;
+  const std::vector<int32_t> tokens = RandomTokens(90, 10);
+  CpuBackendOptions options;
+  options.bf16_activations = true;
+  auto bf16 = MakeBackend(options);
+  auto f32 = MakeBackend();
+  SessionState b(config), f(config), split(config);
+  const std::vector<float> lb = RunPieces(*bf16, {tokens}, &b);
+  const std::vector<float> lf = RunPieces(*f32, {tokens}, &f);
+  const std::vector<float> ls = RunPieces(
+      *bf16, {Slice(tokens, 0, 33), Slice(tokens, 33, 34), Slice(tokens, 34, 90)}, &split);
+  auto bf16_exact = [](const std::vector<float>& v) {
+    return std::all_of(v.begin(), v.end(),
+                       [](float x) { return Bf16ToFloat(FloatToBf16(x)) == x; });
+  };
+  for (const MlaLayerState& layer : b.mla()) EXPECT_TRUE(bf16_exact(layer.latent));
+  for (const KdaLayerState& layer : b.kda()) {
+    EXPECT_TRUE(bf16_exact(layer.conv));
+    EXPECT_FALSE(bf16_exact(layer.recurrent));
+  }
+  for (const MlaLayerState& layer : f.mla()) EXPECT_FALSE(bf16_exact(layer.latent));
+  EXPECT_TRUE(kls::testing::AllFinite(lb));
+  const double moved =
+      kls::testing::MaxRelativeError(std::span<const float>(lb), std::span<const float>(lf));
+  EXPECT_GT(moved, 1e-4);
+  EXPECT_LT(moved, 0.5);
+  // Other pieces round other intermediates (a one-token piece takes the recurrence), so they
+  // agree to bf16 storage precision, not fp32's.
+  EXPECT_TRUE(RelativeErrorBelow(ls, lb, kls::testing::kBf16StateTolerance.rtol));
+  ExpectStatesClose(split, b, kls::testing::kBf16StateTolerance.rtol);
 }
 
 // ---- The BackendState API (what the worker engine uses) ----------------------------------------

@@ -4,10 +4,13 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <map>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "common/file_util.h"
 #include "engine/backend/cpu/cpu_backend.h"
 #include "engine/model/make_model.h"
@@ -261,6 +264,55 @@ TEST(MakeModelTest, SameSeedSameBytesOtherSeedOtherWeights) {
   };
   EXPECT_EQ(read(a), read(b));
   EXPECT_NE(read(a), read(c));
+}
+
+// residual_scale multiplies exactly the residual branches' last projections (o_proj of both
+// mixers, the dense, shared and routed down projections) and leaves every other tensor alone.
+TEST(MakeModelTest, ResidualScaleScalesOnlyTheResidualOutputs) {
+  auto load = [](double scale) {
+    absl::StatusOr<std::unique_ptr<ModelWeights>> w =
+        LoadModelWeights(WriteModel("tiny", 5, DType::kF32, /*max_shard_bytes=*/0, scale));
+    EXPECT_TRUE(w.ok()) << w.status();
+    return *std::move(w);
+  };
+  const std::unique_ptr<ModelWeights> plain = load(1.0), scaled = load(0.25);
+  auto times = [](std::vector<float> v, float s) {
+    for (float& x : v) x *= s;
+    return v;
+  };
+  for (size_t l = 0; l < plain->layers.size(); ++l) {
+    const LayerWeights& p = plain->layers[l];
+    const LayerWeights& s = scaled->layers[l];
+    SCOPED_TRACE(absl::StrCat("layer ", l));
+    if (p.kind == LayerKind::kKda) {
+      EXPECT_EQ(s.kda.o_proj, times(p.kda.o_proj, 0.25f));
+      EXPECT_EQ(s.kda.q_proj, p.kda.q_proj);
+      EXPECT_EQ(s.kda.f_b_proj, p.kda.f_b_proj);
+    } else {
+      EXPECT_EQ(s.mla.o_proj, times(p.mla.o_proj, 0.25f));
+      EXPECT_EQ(s.mla.kv_b_proj, p.mla.kv_b_proj);
+    }
+    if (p.ffn == FfnKind::kDense) {
+      EXPECT_EQ(s.mlp.down, times(p.mlp.down, 0.25f));
+      EXPECT_EQ(s.mlp.gate, p.mlp.gate);
+    } else {
+      EXPECT_EQ(s.moe.shared.down, times(p.moe.shared.down, 0.25f));
+      EXPECT_EQ(s.moe.experts[1].down, times(p.moe.experts[1].down, 0.25f));
+      EXPECT_EQ(s.moe.experts[1].up, p.moe.experts[1].up);
+      EXPECT_EQ(s.moe.router, p.moe.router);
+    }
+  }
+  EXPECT_EQ(scaled->embed, plain->embed);
+  EXPECT_EQ(scaled->lm_head, plain->lm_head);
+
+  MakeModelOptions options;
+  options.out_dir = kls::testing::ScratchDir() + "/bad";
+  for (double bad : {0.0, -1.0, std::nan("")}) {
+    options.residual_scale = bad;
+    const absl::Status s = MakeModel(*PresetConfig("tiny"), options);
+    EXPECT_TRUE(absl::IsInvalidArgument(s) && absl::StrContains(s.message(), "residual_scale"))
+        << s;
+  }
 }
 
 TEST(MakeModelTest, ShardedOutputLoadsLikeSingleFile) {
