@@ -37,8 +37,9 @@ struct CpuBackendOptions {
   // Round every activation the CUDA backend stores in bf16 (projection inputs and outputs,
   // conv and attention outputs, the MLA cache, SwiGLU intermediates, layer outputs) to bf16,
   // keeping the residual stream, router logits, logits and the KDA state in fp32 as it does.
-  // The fp32 reference with the GPU's storage precision: comparisons against it measure a bf16
-  // engine's arithmetic rather than how much the model amplifies bf16 rounding.
+  // The fp32 reference with the GPU's storage precision, the yardstick of what bf16 storage
+  // costs on a model. One difference: the absorbed MLA decode keeps its latent query and
+  // output in fp32 (the GPU stores both in bf16).
   bool bf16_activations = false;
 };
 

@@ -255,8 +255,9 @@ TEST(CpuBackendTest, Bf16ActivationsRoundWhatTheGpuStoresInBf16) {
   EXPECT_TRUE(kls::testing::AllFinite(lb));
   const double moved =
       kls::testing::MaxRelativeError(std::span<const float>(lb), std::span<const float>(lf));
-  EXPECT_GT(moved, 1e-4);
-  EXPECT_LT(moved, 0.5);
+  // Measured 1.5e-2 (max-normwise): a few bf16 ulps, amplified by the 8 layers.
+  EXPECT_GT(moved, 1e-3);
+  EXPECT_LT(moved, 5e-2);
   // Other pieces round other intermediates (a one-token piece takes the recurrence), so they
   // agree to bf16 storage precision, not fp32's.
   EXPECT_TRUE(RelativeErrorBelow(ls, lb, kls::testing::kBf16StateTolerance.rtol));

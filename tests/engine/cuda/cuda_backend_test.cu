@@ -7,8 +7,10 @@
 // 5e-3) or twice the distance of a yardstick to the reference, whichever is larger. The yardstick
 // is the CPU backend with bf16 activations (CpuBackendOptions::bf16_activations): an engine that
 // rounds exactly what the GPU stores in bf16 and computes everything else in fp32, i.e. the best a
-// bf16 engine can do. The first KDA layer, whose input is the embedding itself, is held to the
-// issue's state bound without a yardstick: its state measures the GPU's arithmetic alone.
+// bf16 engine can do, except that it keeps the absorbed MLA decode's latent query and output in
+// fp32 where the GPU stores them in bf16, which makes the decode bound slightly stricter. The
+// first KDA layer's recurrent state is held to the issue's state bound without a yardstick: its
+// input is the embeddings, so no upstream layer amplifies the first layer's differences.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -152,8 +154,8 @@ void ExpectStatesClose(const SessionState& gpu, const SessionState& ref,
   };
   for (size_t l = 0; l < ref.kda().size(); ++l) {
     double yard_s = 0, yard_c = 0;
-    if (yard_a != nullptr && l > 0) {
-      yard_s = RelativeRms(yard_a->kda()[l].recurrent, yard_b->kda()[l].recurrent);
+    if (yard_a != nullptr) {
+      if (l > 0) yard_s = RelativeRms(yard_a->kda()[l].recurrent, yard_b->kda()[l].recurrent);
       yard_c = RelativeRms(yard_a->kda()[l].conv, yard_b->kda()[l].conv);
     }
     check(gpu.kda()[l].recurrent, ref.kda()[l].recurrent, yard_s,
@@ -232,8 +234,14 @@ PromptResult CompareRun(const LoadedModel& model, CudaBackend& gpu, int prompt_l
   PromptResult r;
   r.prefill = RelativeRms(gl, rl);
   r.prefill_yard = RelativeRms(yl, rl);
-  const SessionState r_state = Export(*ref, *rs);
-  r.states = StateDistances(Export(gpu, *gs), r_state);
+  const SessionState r_state = Export(*ref, *rs), g_state = Export(gpu, *gs);
+  for (const KdaLayerState& layer : g_state.kda()) {
+    EXPECT_TRUE(::kls::testing::AllFinite(layer.recurrent) && ::kls::testing::AllFinite(layer.conv))
+        << "seed " << seed;
+  }
+  for (const MlaLayerState& layer : g_state.mla())
+    EXPECT_TRUE(::kls::testing::AllFinite(layer.latent)) << "seed " << seed;
+  r.states = StateDistances(g_state, r_state);
   r.states_yard = StateDistances(Export(*yard, *ys), r_state);
   std::vector<double> errors, yard_errors;
   for (int step = 0; step < kSteps; ++step) {
@@ -294,6 +302,9 @@ void AgreementOn(const LoadedModel& model, const char* name, int prompts) {
       "%d steps on %d of %d prompts (yardstick %d)\n",
       name, Median(prefill), Median(prefill_yard), within, steps, same, steps, top_two, steps,
       kSteps, agreed, prompts, yard_agreed);
+  // The premise: on these models bf16 storage itself stays within the issue's logits bound, so
+  // the yardstick cannot stretch the bounds to where nothing fails.
+  EXPECT_LE(Median(prefill_yard), kLogitsBound);
   EXPECT_LE(Median(prefill), std::max(kLogitsBound, kYardstickFactor * Median(prefill_yard)));
   const ModelConfig& c = model.weights->config;
   for (size_t t = 0; t < results[0].states.size(); ++t) {
@@ -302,7 +313,7 @@ void AgreementOn(const LoadedModel& model, const char* name, int prompts) {
       g.push_back(r.states[t]);
       y.push_back(r.states_yard[t]);
     }
-    // Tensor 0, the first KDA layer's state, sees the embeddings themselves: no yardstick.
+    // Tensor 0, the first KDA layer's recurrent state: no yardstick (see the file comment).
     const double bound = t == 0 ? kStateBound : std::max(kStateBound, kYardstickFactor * Median(y));
     const size_t kda = static_cast<size_t>(c.num_kda_layers());
     const std::string what = t < kda       ? absl::StrCat("KDA state of KDA layer ", t)
