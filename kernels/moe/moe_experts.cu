@@ -29,6 +29,9 @@ size_t AlignUp(size_t bytes) { return (bytes + kSectionAlign - 1) / kSectionAlig
 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// Grid (T, ⌈D / (8 · kCombineThreads)⌉): a thread owns 8 columns of one token. All of its
+// slots' loads are issued before the first is used, so a decode step (T = 1) costs one round of
+// memory latency rather than one per slot; the sum runs in slot order as before.
 __global__ void __launch_bounds__(kCombineThreads)
     MoeCombineKernel(const __nv_bfloat16* __restrict__ pair_out, const int32_t* __restrict__ ids,
                      const float* __restrict__ weights, const __nv_bfloat16* shared_out,
@@ -42,50 +45,57 @@ __global__ void __launch_bounds__(kCombineThreads)
     slot_weight[threadIdx.x] = weights[t * top_k + threadIdx.x];
   }
   __syncthreads();
-  const int chunks = hidden_size / 8;
-  for (int c = threadIdx.x; c < chunks; c += kCombineThreads) {
-    float acc[8];
-    if (shared_out != nullptr) {
-      const uint4 s = *reinterpret_cast<const uint4*>(shared_out + t * hidden_size + 8 * c);
+  const int c = blockIdx.y * kCombineThreads + threadIdx.x;
+  if (c >= hidden_size / 8) return;
+  uint4 v[kMoeMaxTopK];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 f = moe_mma::UnpackBf16x2(moe_mma::Word(s, i));
-        acc[2 * i] = f.x;
-        acc[2 * i + 1] = f.y;
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-    }
-    for (int slot = 0; slot < top_k; ++slot) {
-      if (!slot_ok[slot]) continue;
-      const float w = slot_weight[slot];
-      const uint4 v =
+  for (int slot = 0; slot < kMoeMaxTopK; ++slot) {
+    if (slot < top_k && slot_ok[slot]) {
+      v[slot] =
           *reinterpret_cast<const uint4*>(pair_out + (t * top_k + slot) * hidden_size + 8 * c);
+    }
+  }
+  float acc[8];
+  if (shared_out != nullptr) {
+    const uint4 s = *reinterpret_cast<const uint4*>(shared_out + t * hidden_size + 8 * c);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = moe_mma::UnpackBf16x2(moe_mma::Word(s, i));
+      acc[2 * i] = f.x;
+      acc[2 * i + 1] = f.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+  }
+#pragma unroll
+  for (int slot = 0; slot < kMoeMaxTopK; ++slot) {
+    if (slot < top_k && slot_ok[slot]) {
+      const float w = slot_weight[slot];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const float2 f = moe_mma::UnpackBf16x2(moe_mma::Word(v, i));
+        const float2 f = moe_mma::UnpackBf16x2(moe_mma::Word(v[slot], i));
         acc[2 * i] = fmaf(w, f.x, acc[2 * i]);
         acc[2 * i + 1] = fmaf(w, f.y, acc[2 * i + 1]);
       }
     }
-    uint4 r;
-    r.x = moe_mma::PackBf16x2(acc[0], acc[1]);
-    r.y = moe_mma::PackBf16x2(acc[2], acc[3]);
-    r.z = moe_mma::PackBf16x2(acc[4], acc[5]);
-    r.w = moe_mma::PackBf16x2(acc[6], acc[7]);
-    *reinterpret_cast<uint4*>(out + t * hidden_size + 8 * c) = r;
   }
+  uint4 r;
+  r.x = moe_mma::PackBf16x2(acc[0], acc[1]);
+  r.y = moe_mma::PackBf16x2(acc[2], acc[3]);
+  r.z = moe_mma::PackBf16x2(acc[4], acc[5]);
+  r.w = moe_mma::PackBf16x2(acc[6], acc[7]);
+  *reinterpret_cast<uint4*>(out + t * hidden_size + 8 * c) = r;
 }
 
 bool CombineArgsOk(const void* pair_out, const int32_t* ids, const float* weights,
                    const void* shared_out, int64_t num_tokens, int hidden_size, int num_experts,
                    int top_k, const void* out) {
   return num_tokens >= 0 && num_tokens <= int64_t{INT_MAX} && hidden_size >= 8 &&
-         hidden_size % 8 == 0 && num_experts >= 1 && num_experts <= kMoeMaxExperts && top_k >= 1 &&
-         top_k <= kMoeMaxTopK && pair_out != nullptr && ids != nullptr && weights != nullptr &&
-         out != nullptr && Aligned16(pair_out) && Aligned16(out) &&
-         (shared_out == nullptr || Aligned16(shared_out));
+         hidden_size % 8 == 0 && hidden_size / 8 <= 65535 * kCombineThreads && num_experts >= 1 &&
+         num_experts <= kMoeMaxExperts && top_k >= 1 && top_k <= kMoeMaxTopK &&
+         pair_out != nullptr && ids != nullptr && weights != nullptr && out != nullptr &&
+         Aligned16(pair_out) && Aligned16(out) && (shared_out == nullptr || Aligned16(shared_out));
 }
 
 // Host-side checks of the sizes (not the pointers) of LaunchMoeExperts.
@@ -211,7 +221,9 @@ cudaError_t LaunchMoeCombine(const __nv_bfloat16* pair_out, const int32_t* exper
     return cudaErrorInvalidValue;
   }
   if (num_tokens == 0) return cudaSuccess;
-  MoeCombineKernel<<<static_cast<unsigned>(num_tokens), kCombineThreads, 0, stream>>>(
+  const dim3 grid(static_cast<unsigned>(num_tokens),
+                  static_cast<unsigned>((hidden_size / 8 + kCombineThreads - 1) / kCombineThreads));
+  MoeCombineKernel<<<grid, kCombineThreads, 0, stream>>>(
       pair_out, expert_ids, expert_weights, shared_out, hidden_size, num_experts, top_k, out);
   return cudaGetLastError();
 }

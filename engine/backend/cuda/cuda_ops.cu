@@ -1,4 +1,5 @@
 #include <cmath>
+#include <cstdint>
 
 #include "engine/backend/cuda/cuda_ops.h"
 
@@ -82,6 +83,73 @@ __global__ void GatherPagedRowsKernel(const bf16* __restrict__ pages, int page_s
     const bf16* src = pages + (static_cast<int64_t>(page) * page_size + i % page_size) * row_dim;
     bf16* dst = out + row * row_dim;
     for (int c = threadIdx.x; c < row_dim; c += blockDim.x) dst[c] = src[c];
+  }
+}
+
+// At most kNormVecs float4 per thread: rows of up to 4·kThreads·kNormVecs = 8192 values take the
+// vectorized kernel, whose loads are all issued before the first use (a decode step's rows are
+// single, so the kernel is one CTA whose time is the latency of its dependent load rounds).
+constexpr int kNormVecs = 8;
+
+__device__ uint2 PackBf16x4(float a, float b, float c, float d) {
+  __nv_bfloat162 lo = __floats2bfloat162_rn(a, b), hi = __floats2bfloat162_rn(c, d);
+  uint2 r;
+  r.x = *reinterpret_cast<uint32_t*>(&lo);
+  r.y = *reinterpret_cast<uint32_t*>(&hi);
+  return r;
+}
+
+__device__ float4 UnpackBf16x4(uint2 v) {
+  const float2 lo = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v.x));
+  const float2 hi = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v.y));
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+
+// AddRmsNormF32Kernel for dim % 4 == 0 and dim <= 4·kThreads·kNormVecs: one block per row, the
+// row held in registers, one round of loads (residual, delta, weight) then one of stores.
+__global__ void __launch_bounds__(kThreads)
+    AddRmsNormF32Vec4Kernel(const bf16* __restrict__ delta, float* __restrict__ residual,
+                            const bf16* __restrict__ weight, int dim, float eps,
+                            bf16* __restrict__ out) {
+  const int64_t row = blockIdx.x;
+  const int vecs = dim / 4;
+  float4* x = reinterpret_cast<float4*>(residual + row * dim);
+  const uint2* d = reinterpret_cast<const uint2*>(delta + row * dim);
+  const uint2* w = reinterpret_cast<const uint2*>(weight);
+  float4 v[kNormVecs];
+  uint2 dv[kNormVecs], wv[kNormVecs];
+#pragma unroll
+  for (int k = 0; k < kNormVecs; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    if (i < vecs) {
+      v[k] = x[i];
+      if (delta != nullptr) dv[k] = d[i];
+      wv[k] = w[i];
+    }
+  }
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < kNormVecs; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    if (i < vecs) {
+      if (delta != nullptr) {
+        const float4 a = UnpackBf16x4(dv[k]);
+        v[k] = make_float4(v[k].x + a.x, v[k].y + a.y, v[k].z + a.z, v[k].w + a.w);
+        x[i] = v[k];
+      }
+      sum += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+    }
+  }
+  const float inv = rsqrtf(BlockSum(sum) / static_cast<float>(dim) + eps);
+  uint2* o = reinterpret_cast<uint2*>(out + row * dim);
+#pragma unroll
+  for (int k = 0; k < kNormVecs; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    if (i < vecs) {
+      const float4 g = UnpackBf16x4(wv[k]);
+      o[i] = PackBf16x4(g.x * (v[k].x * inv), g.y * (v[k].y * inv), g.z * (v[k].z * inv),
+                        g.w * (v[k].w * inv));
+    }
   }
 }
 
@@ -213,8 +281,15 @@ cudaError_t LaunchAddRmsNormF32(const bf16* delta, float* residual, const bf16* 
     return cudaErrorInvalidValue;
   }
   if (rows == 0) return cudaSuccess;
-  AddRmsNormF32Kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(delta, residual, weight,
-                                                                            dim, eps, out);
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (dim % 4 == 0 && dim <= 4 * kThreads * kNormVecs && aligned(residual) && aligned(weight) &&
+      aligned(out) && (delta == nullptr || aligned(delta))) {
+    AddRmsNormF32Vec4Kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        delta, residual, weight, dim, eps, out);
+  } else {
+    AddRmsNormF32Kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        delta, residual, weight, dim, eps, out);
+  }
   return cudaGetLastError();
 }
 

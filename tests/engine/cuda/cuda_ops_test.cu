@@ -1,0 +1,102 @@
+// The CUDA backend's own ops against fp64 host references (HOUSE_STYLE.md H5, H6): the
+// fp32-residual add + RMSNorm at the block boundaries, through both of its kernels (rows held in
+// registers when dim % 4 == 0 and dim <= 8192, a strided loop otherwise), with and without a delta,
+// at odd shapes and the real model's width.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "engine/backend/cuda/cuda_ops.h"
+#include "tests/kernels/cuda/cuda_test_util.h"
+
+namespace kls::engine::cuda {
+namespace {
+
+using ::kls::testing::Bf16Normal;
+using ::kls::testing::Bf16Uniform;
+using ::kls::testing::CudaTest;
+using ::kls::testing::DeviceBuffer;
+using ::kls::testing::Download;
+using ::kls::testing::Poison;
+using ::kls::testing::ToBf16;
+using ::kls::testing::Upload;
+
+constexpr float kEps = 1e-6f;
+constexpr double kRmsBound = 5e-3;  // relative RMS error, bf16 output
+
+struct NormCase {
+  int rows;
+  int dim;
+  bool with_delta;
+};
+
+class AddRmsNormF32Test : public CudaTest, public ::testing::WithParamInterface<NormCase> {};
+
+// residual ← residual + delta (fp32, exactly the host's float sum); out = bf16(w ⊙ residual ·
+// rsqrt(mean(residual²) + eps)) against fp64 with the bf16 row of the tolerance table.
+TEST_P(AddRmsNormF32Test, MatchesFp64Reference) {
+  const auto [rows, dim, with_delta] = GetParam();
+  const size_t n = static_cast<size_t>(rows) * dim;
+  const std::vector<double> delta = Bf16Normal(n, 11);
+  const std::vector<double> w = Bf16Uniform(dim, 12, 0.5, 1.5);
+  std::vector<float> residual(n);
+  {
+    const std::vector<double> r = Bf16Normal(n, 13, 0.0, 3.0);
+    for (size_t i = 0; i < n; ++i) residual[i] = static_cast<float>(r[i] * 1.0009765625);
+  }
+  DeviceBuffer<__nv_bfloat16> d_delta, d_w, d_out;
+  DeviceBuffer<float> d_res;
+  ASSERT_CUDA_OK(d_out.Allocate(n));
+  ASSERT_CUDA_OK(Upload(ToBf16(delta), d_delta));
+  ASSERT_CUDA_OK(Upload(ToBf16(w), d_w));
+  ASSERT_CUDA_OK(Upload(residual, d_res));
+  ASSERT_CUDA_OK(Poison(d_out));
+  ASSERT_CUDA_OK(LaunchAddRmsNormF32(with_delta ? d_delta.get() : nullptr, d_res.get(), d_w.get(),
+                                     rows, dim, kEps, d_out.get(), stream()));
+  ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
+  std::vector<float> got_res;
+  std::vector<__nv_bfloat16> got_out;
+  ASSERT_CUDA_OK(Download(d_res, got_res));
+  ASSERT_CUDA_OK(Download(d_out, got_out));
+
+  std::vector<float> sum = residual;
+  if (with_delta) {
+    for (size_t i = 0; i < n; ++i) sum[i] = residual[i] + static_cast<float>(delta[i]);
+  }
+  EXPECT_EQ(got_res, sum);  // an fp32 add of the same operands: bit for bit
+  std::vector<double> expected(n), actual(n);
+  for (int r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int c = 0; c < dim; ++c) {
+      const double v = sum[static_cast<size_t>(r) * dim + c];
+      ss += v * v;
+    }
+    const double inv = 1.0 / std::sqrt(ss / dim + kEps);
+    for (int c = 0; c < dim; ++c) {
+      const size_t i = static_cast<size_t>(r) * dim + c;
+      expected[i] = w[c] * sum[i] * inv;
+      actual[i] = ::kls::testing::Bf16ToFloat(got_out[i]);
+    }
+  }
+  EXPECT_TRUE(::kls::testing::MatchesReference(actual, expected,
+                                               ::kls::testing::kBf16StateTolerance, kRmsBound));
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, AddRmsNormF32Test,
+                         ::testing::Values(NormCase{1, 2304, true}, NormCase{1, 2304, false},
+                                           NormCase{3, 4, true}, NormCase{5, 1028, true},
+                                           NormCase{2, 8192, true}, NormCase{1, 8196, true},
+                                           NormCase{4, 1000, false}, NormCase{7, 1001, true},
+                                           NormCase{33, 256, true}),
+                         [](const ::testing::TestParamInfo<NormCase>& info) {
+                           return "rows" + std::to_string(info.param.rows) + "_dim" +
+                                  std::to_string(info.param.dim) +
+                                  (info.param.with_delta ? "_delta" : "_nodelta");
+                         });
+
+}  // namespace
+}  // namespace kls::engine::cuda
