@@ -9,6 +9,7 @@
 #ifndef KLS_ENGINE_BACKEND_BACKEND_H_
 #define KLS_ENGINE_BACKEND_BACKEND_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -38,12 +39,22 @@ class BackendState {
   // worker's hot-session budget counts.
   virtual int64_t ByteSize() const = 0;
   const Backend* owner() const { return owner_; }
+  // Unique among the states of the process and never reused, unlike an address: what a
+  // checkpoint names its state by, so a checkpoint of a destroyed state cannot roll back a new
+  // one that happens to live at the same address.
+  uint64_t id() const { return id_; }
 
  protected:
-  explicit BackendState(const Backend* owner) : owner_(owner) {}
+  explicit BackendState(const Backend* owner) : owner_(owner), id_(NextId()) {}
 
  private:
+  static uint64_t NextId() {
+    static std::atomic<uint64_t> next{1};
+    return next.fetch_add(1, std::memory_order_relaxed);
+  }
+
   const Backend* owner_;
+  const uint64_t id_;
 };
 
 // What a rollback returns to: the fixed-size KDA state and the token count at checkpoint time
@@ -51,7 +62,21 @@ class BackendState {
 class StateCheckpoint {
  public:
   virtual ~StateCheckpoint() = default;
+  StateCheckpoint(const StateCheckpoint&) = delete;
+  StateCheckpoint& operator=(const StateCheckpoint&) = delete;
+
   virtual int64_t num_tokens() const = 0;
+  const Backend* owner() const { return owner_; }
+  // BackendState::id() of the state it was taken of.
+  uint64_t state_id() const { return state_id_; }
+
+ protected:
+  StateCheckpoint(const Backend* owner, const BackendState& of)
+      : owner_(owner), state_id_(of.id()) {}
+
+ private:
+  const Backend* owner_;
+  const uint64_t state_id_;
 };
 
 struct SequenceInput {
@@ -87,8 +112,9 @@ class Backend {
   // for the copy of the KDA state.
   virtual absl::StatusOr<std::unique_ptr<StateCheckpoint>> Checkpoint(
       const BackendState& state) = 0;
-  // Returns `state` to `checkpoint`, which must have been taken of this state, with no forward
-  // of fewer tokens in between (INVALID_ARGUMENT otherwise; the state is then unchanged).
+  // Returns `state` to `checkpoint`, which must have been taken by this backend of this very
+  // state (not of a destroyed one, nor by another backend), with no forward of fewer tokens in
+  // between (INVALID_ARGUMENT otherwise; the state is then unchanged).
   virtual absl::Status Rollback(const StateCheckpoint& checkpoint, BackendState* state) = 0;
 
   // Runs the new tokens of every sequence through the model, appending them to each state, and

@@ -50,11 +50,11 @@ class CpuState final : public BackendState {
 
 class CpuCheckpoint final : public StateCheckpoint {
  public:
-  CpuCheckpoint(const BackendState* of, std::vector<KdaLayerState> kda, int64_t num_tokens)
-      : of(of), kda(std::move(kda)), tokens(num_tokens) {}
+  CpuCheckpoint(const Backend* owner, const BackendState& of, std::vector<KdaLayerState> kda,
+                int64_t num_tokens)
+      : StateCheckpoint(owner, of), kda(std::move(kda)), tokens(num_tokens) {}
   int64_t num_tokens() const override { return tokens; }
 
-  const BackendState* of;
   std::vector<KdaLayerState> kda;
   int64_t tokens;
 };
@@ -129,14 +129,17 @@ absl::Status CpuBackend::ExportState(const BackendState& state, int64_t mla_firs
 absl::StatusOr<std::unique_ptr<StateCheckpoint>> CpuBackend::Checkpoint(const BackendState& state) {
   const SessionState* host = HostState(state);
   if (host == nullptr) return absl::InvalidArgumentError("checkpoint: a state of another backend");
-  return std::make_unique<CpuCheckpoint>(&state, host->kda(), host->num_tokens());
+  return std::make_unique<CpuCheckpoint>(this, state, host->kda(), host->num_tokens());
 }
 
 absl::Status CpuBackend::Rollback(const StateCheckpoint& checkpoint, BackendState* state) {
   SessionState* host = HostState(state);
-  const auto& cp = static_cast<const CpuCheckpoint&>(checkpoint);
-  if (host == nullptr || cp.of != state || host->num_tokens() < cp.tokens) {
+  if (host == nullptr || checkpoint.owner() != this || checkpoint.state_id() != state->id()) {
     return absl::InvalidArgumentError("rollback: the checkpoint was not taken of this state");
+  }
+  const auto& cp = static_cast<const CpuCheckpoint&>(checkpoint);
+  if (host->num_tokens() < cp.tokens) {
+    return absl::InvalidArgumentError("rollback: the state has fewer tokens than the checkpoint");
   }
   host->kda() = cp.kda;
   host->TruncateTokens(cp.tokens);

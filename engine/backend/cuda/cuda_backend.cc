@@ -203,13 +203,13 @@ class CudaState final : public BackendState {
 
 class CudaCheckpoint final : public StateCheckpoint {
  public:
-  CudaCheckpoint(CudaBackend::Impl* impl, const BackendState* of, int32_t slot, int64_t tokens)
-      : impl_(impl), of(of), slot(slot), tokens(tokens) {}
+  CudaCheckpoint(const Backend* owner, CudaBackend::Impl* impl, const BackendState& of,
+                 int32_t slot, int64_t tokens)
+      : StateCheckpoint(owner, of), impl_(impl), slot(slot), tokens(tokens) {}
   ~CudaCheckpoint() override { impl_->ReleaseSlot(slot); }
   int64_t num_tokens() const override { return tokens; }
 
   CudaBackend::Impl* impl_;
-  const BackendState* of;
   int32_t slot;
   int64_t tokens;
 };
@@ -530,7 +530,7 @@ absl::StatusOr<std::unique_ptr<StateCheckpoint>> CudaBackend::Checkpoint(
         "all ", impl_->plan.num_slots, " KDA state slots of the GPU are in use (checkpoints)"));
   }
   auto checkpoint =
-      std::make_unique<CudaCheckpoint>(impl_.get(), &state, *slot, source.pages.num_tokens);
+      std::make_unique<CudaCheckpoint>(this, impl_.get(), state, *slot, source.pages.num_tokens);
   KLS_RETURN_IF_ERROR(impl_->Fail(impl_->CopySlot(source.slot, *slot)));
   return checkpoint;
 }
@@ -538,10 +538,13 @@ absl::StatusOr<std::unique_ptr<StateCheckpoint>> CudaBackend::Checkpoint(
 absl::Status CudaBackend::Rollback(const StateCheckpoint& checkpoint, BackendState* state) {
   KLS_RETURN_IF_ERROR(impl_->sticky);
   KLS_RETURN_IF_ERROR(impl_->Fail(impl_->UseDevice()));
-  const auto& cp = static_cast<const CudaCheckpoint&>(checkpoint);
-  if (state == nullptr || state->owner() != this || cp.of != state ||
-      state->num_tokens() < cp.tokens) {
+  if (state == nullptr || state->owner() != this || checkpoint.owner() != this ||
+      checkpoint.state_id() != state->id()) {
     return absl::InvalidArgumentError("rollback: the checkpoint was not taken of this state");
+  }
+  const auto& cp = static_cast<const CudaCheckpoint&>(checkpoint);
+  if (state->num_tokens() < cp.tokens) {
+    return absl::InvalidArgumentError("rollback: the state has fewer tokens than the checkpoint");
   }
   auto& target = static_cast<CudaState&>(*state);
   KLS_RETURN_IF_ERROR(impl_->Fail(impl_->CopySlot(cp.slot, target.slot)));

@@ -397,6 +397,38 @@ TEST(CpuBackendStateTest, RollbackReturnsToTheCheckpoint) {
   ExpectStatesEqual(Export(*backend, *other), other_before);
 }
 
+// A checkpoint names its state by BackendState::id(), not by address: once the state is gone,
+// no new state accepts it, even one the allocator places at the old address (likely here: the
+// same size freed and allocated again). A checkpoint taken by another backend is refused too.
+TEST(CpuBackendStateTest, StaleAndForeignCheckpointsAreRefused) {
+  auto backend = MakeBackend();
+  std::unique_ptr<BackendState> gone = NewState(*backend);
+  Feed(*backend, gone.get(), RandomTokens(12, 20));
+  absl::StatusOr<std::unique_ptr<StateCheckpoint>> stale = backend->Checkpoint(*gone);
+  ASSERT_TRUE(stale.ok()) << stale.status();
+  const uint64_t gone_id = gone->id();
+  gone.reset();
+  for (int i = 0; i < 4; ++i) {
+    std::unique_ptr<BackendState> fresh = NewState(*backend);
+    EXPECT_NE(fresh->id(), gone_id);
+    Feed(*backend, fresh.get(), RandomTokens(15, 21 + i));
+    const SessionState before = Export(*backend, *fresh);
+    absl::Status s = backend->Rollback(**stale, fresh.get());
+    EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+    ExpectStatesEqual(Export(*backend, *fresh), before);
+  }
+
+  auto other = MakeBackend();
+  std::unique_ptr<BackendState> mine = NewState(*backend);
+  std::unique_ptr<BackendState> theirs = NewState(*other);
+  Feed(*backend, mine.get(), RandomTokens(5, 30));
+  absl::StatusOr<std::unique_ptr<StateCheckpoint>> foreign = other->Checkpoint(*theirs);
+  ASSERT_TRUE(foreign.ok()) << foreign.status();
+  absl::Status s = backend->Rollback(**foreign, mine.get());
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_EQ(mine->num_tokens(), 5);
+}
+
 TEST(CpuBackendStateTest, StatesOfAnotherBackendAreRefused) {
   auto mine = MakeBackend();
   auto theirs = MakeBackend();

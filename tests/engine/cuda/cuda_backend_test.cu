@@ -527,6 +527,28 @@ TEST_F(CudaBackendTest, ForksCheckpointsAndTransfersAreExact) {
             std::vector<float>(full.mla()[0].latent.begin() + 70 * d, full.mla()[0].latent.end()));
 }
 
+// A checkpoint of a destroyed state does not roll back a new state, even one at the old address
+// (BackendState::id()); the new state and its KDA slot are left as they were.
+TEST_F(CudaBackendTest, StaleCheckpointIsRefused) {
+  const LoadedModel& model = ::kls::testing::TinyModel();
+  auto gpu = MakeCuda(*model.weights);
+  ASSERT_NE(gpu, nullptr);
+  auto gone = New(*gpu);
+  Feed(*gpu, gone.get(), RandomTokens(30, 40, 256));
+  absl::StatusOr<std::unique_ptr<StateCheckpoint>> stale = gpu->Checkpoint(*gone);
+  ASSERT_TRUE(stale.ok()) << stale.status();
+  gone.reset();
+  auto fresh = New(*gpu);
+  Feed(*gpu, fresh.get(), RandomTokens(40, 41, 256));
+  const SessionState before = Export(*gpu, *fresh);
+  const absl::Status s = gpu->Rollback(**stale, fresh.get());
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  const SessionState after = Export(*gpu, *fresh);
+  ASSERT_EQ(after.num_tokens(), 40);
+  for (size_t l = 0; l < after.kda().size(); ++l)
+    EXPECT_EQ(after.kda()[l].recurrent, before.kda()[l].recurrent);
+}
+
 // The snapshot's host form is backend-independent: a GPU session continues on the CPU and a CPU
 // session on the GPU, within the GPU's tolerance.
 TEST_F(CudaBackendTest, SessionsMoveBetweenBackends) {
