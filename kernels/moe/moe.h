@@ -163,9 +163,9 @@ cudaError_t LaunchMoeExperts(const MoeExpertsParams& params, void* workspace,
 //   expert_ids, expert_weights  [T, top_k] device
 //   shared_out  [T, D] bf16 device or nullptr; may alias out
 //   out         [T, D] bf16 device
-// Supported: T >= 0, D a positive multiple of 8, 1 <= E <= kMoeMaxExperts,
-// 1 <= top_k <= kMoeMaxTopK, non-null pointers (shared_out aside), 16-byte aligned bf16
-// pointers.
+// Supported: T >= 0, D a positive multiple of 8 with D / 8 <= 65535 · 128,
+// 1 <= E <= kMoeMaxExperts, 1 <= top_k <= kMoeMaxTopK, non-null pointers (shared_out aside),
+// 16-byte aligned bf16 pointers.
 cudaError_t LaunchMoeCombine(const __nv_bfloat16* pair_out, const int32_t* expert_ids,
                              const float* expert_weights, const __nv_bfloat16* shared_out,
                              int64_t num_tokens, int hidden_size, int num_experts, int top_k,

@@ -1,10 +1,11 @@
 // MoE routed experts (LaunchMoeExperts, moe.h): validation, workspace layout and path choice,
 // then align (moe_align.cu) → expert GEMMs (moe_prefill.cu or moe_decode.cu) → combine.
 //
-// Combine kernel: one CTA of 128 threads per token; each thread owns 8 consecutive columns
-// (16-byte loads of bf16), starts from shared_out (or 0) and adds w · pair_out over the slots
-// in slot order with fp32 FMAs, then rounds to bf16 once. The slot ids and weights go through
-// shared memory. Limits: D a multiple of 8, 16-byte aligned pointers.
+// Combine kernel: grid (T, ⌈D / 1024⌉) of 128-thread CTAs; each thread owns 8 consecutive
+// columns of one token (16-byte loads of bf16), issues every slot's load first, then starts from
+// shared_out (or 0) and adds w · pair_out over the slots in slot order with fp32 FMAs, and
+// rounds to bf16 once. The slot ids and weights go through shared memory. Limits: D a multiple
+// of 8 with D / 8 <= 65535 · 128 (gridDim.y), 16-byte aligned pointers.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 

@@ -32,6 +32,7 @@ struct NormCase {
   int rows;
   int dim;
   bool with_delta;
+  int residual_offset = 0;  // floats: 1 misaligns the residual, which takes the strided kernel
 };
 
 class AddRmsNormF32Test : public CudaTest, public ::testing::WithParamInterface<NormCase> {};
@@ -39,7 +40,7 @@ class AddRmsNormF32Test : public CudaTest, public ::testing::WithParamInterface<
 // residual ← residual + delta (fp32, exactly the host's float sum); out = bf16(w ⊙ residual ·
 // rsqrt(mean(residual²) + eps)) against fp64 with the bf16 row of the tolerance table.
 TEST_P(AddRmsNormF32Test, MatchesFp64Reference) {
-  const auto [rows, dim, with_delta] = GetParam();
+  const auto [rows, dim, with_delta, offset] = GetParam();
   const size_t n = static_cast<size_t>(rows) * dim;
   const std::vector<double> delta = Bf16Normal(n, 11);
   const std::vector<double> w = Bf16Uniform(dim, 12, 0.5, 1.5);
@@ -53,14 +54,17 @@ TEST_P(AddRmsNormF32Test, MatchesFp64Reference) {
   ASSERT_CUDA_OK(d_out.Allocate(n));
   ASSERT_CUDA_OK(Upload(ToBf16(delta), d_delta));
   ASSERT_CUDA_OK(Upload(ToBf16(w), d_w));
-  ASSERT_CUDA_OK(Upload(residual, d_res));
+  std::vector<float> padded(offset, 0.0f);
+  padded.insert(padded.end(), residual.begin(), residual.end());
+  ASSERT_CUDA_OK(Upload(padded, d_res));
   ASSERT_CUDA_OK(Poison(d_out));
-  ASSERT_CUDA_OK(LaunchAddRmsNormF32(with_delta ? d_delta.get() : nullptr, d_res.get(), d_w.get(),
-                                     rows, dim, kEps, d_out.get(), stream()));
+  ASSERT_CUDA_OK(LaunchAddRmsNormF32(with_delta ? d_delta.get() : nullptr, d_res.get() + offset,
+                                     d_w.get(), rows, dim, kEps, d_out.get(), stream()));
   ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
   std::vector<float> got_res;
   std::vector<__nv_bfloat16> got_out;
   ASSERT_CUDA_OK(Download(d_res, got_res));
+  got_res.erase(got_res.begin(), got_res.begin() + offset);
   ASSERT_CUDA_OK(Download(d_out, got_out));
 
   std::vector<float> sum = residual;
@@ -86,16 +90,20 @@ TEST_P(AddRmsNormF32Test, MatchesFp64Reference) {
                                                ::kls::testing::kBf16StateTolerance, kRmsBound));
 }
 
+// The registers kernel: dim % 4 == 0 up to 8192 with aligned rows. The strided kernel: 8196 (too
+// wide), 1001 and 1002 (dim % 4 != 0), and a misaligned residual.
 INSTANTIATE_TEST_SUITE_P(Shapes, AddRmsNormF32Test,
                          ::testing::Values(NormCase{1, 2304, true}, NormCase{1, 2304, false},
                                            NormCase{3, 4, true}, NormCase{5, 1028, true},
                                            NormCase{2, 8192, true}, NormCase{1, 8196, true},
                                            NormCase{4, 1000, false}, NormCase{7, 1001, true},
+                                           NormCase{4, 1002, false}, NormCase{3, 2304, true, 1},
                                            NormCase{33, 256, true}),
                          [](const ::testing::TestParamInfo<NormCase>& info) {
                            return "rows" + std::to_string(info.param.rows) + "_dim" +
                                   std::to_string(info.param.dim) +
-                                  (info.param.with_delta ? "_delta" : "_nodelta");
+                                  (info.param.with_delta ? "_delta" : "_nodelta") +
+                                  (info.param.residual_offset != 0 ? "_misaligned" : "");
                          });
 
 }  // namespace

@@ -862,9 +862,14 @@ TEST_F(MoeLaunchTest, MoeExpertsRejectsUnsupportedArguments) {
 // Combine
 // ---------------------------------------------------------------------------------------------
 
-TEST_F(MoeLaunchTest, MoeCombineSkipsInvalidSlotsAndRunsInPlace) {
+// D = 72 is one CTA per token; D = 2304 (the real model) is three column CTAs, the last partly
+// filled.
+class MoeCombineTest : public CudaParamTest<int> {};
+
+TEST_P(MoeCombineTest, SkipsInvalidSlotsAndRunsInPlace) {
   constexpr int64_t kTokens = 37;
-  constexpr int kD = 72, kE = 6, kK = 3;
+  constexpr int kE = 6, kK = 3;
+  const int kD = GetParam();
   Routed routing = MakeRouting(Routing::kInvalidIds, kTokens, kE, kK, 5);
   const std::vector<double> shared = Bf16Normal(kTokens * kD, 6);
   std::vector<double> pair_out = Bf16Normal(kTokens * kK * kD, 7);
@@ -912,6 +917,10 @@ TEST_F(MoeLaunchTest, MoeCombineSkipsInvalidSlotsAndRunsInPlace) {
                              stream()),
             cudaErrorInvalidValue)
       << "D % 8";
+  EXPECT_EQ(LaunchMoeCombine(pp, d_ids.get(), d_w.get(), nullptr, 1, 65535 * 128 * 8 + 8, kE, kK,
+                             d_out.get(), stream()),
+            cudaErrorInvalidValue)
+      << "D / 8 beyond the grid's y limit";
   EXPECT_EQ(
       LaunchMoeCombine(pp, d_ids.get(), d_w.get(), nullptr, -1, kD, kE, kK, d_out.get(), stream()),
       cudaErrorInvalidValue);
@@ -929,6 +938,11 @@ TEST_F(MoeLaunchTest, MoeCombineSkipsInvalidSlotsAndRunsInPlace) {
             cudaErrorInvalidValue)
       << "misaligned out";
 }
+
+INSTANTIATE_TEST_SUITE_P(Widths, MoeCombineTest, ::testing::Values(72, 2304),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return "D" + std::to_string(info.param);
+                         });
 
 // ---------------------------------------------------------------------------------------------
 // CUDA graphs
