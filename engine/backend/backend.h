@@ -14,6 +14,8 @@
 #include <memory>
 #include <span>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -44,6 +46,24 @@ class BackendState {
   // one that happens to live at the same address.
   uint64_t id() const { return id_; }
 
+  // Rollback bookkeeping, kept by Backend::Rollback. rollbacks(): how many this state has had.
+  // PrefixKept(since, tokens): whether no rollback after the first `since` went below `tokens`,
+  // i.e. whether a checkpoint taken after `since` rollbacks at `tokens` tokens still describes
+  // this state's first `tokens` tokens (a rollback to an earlier checkpoint and new tokens would
+  // otherwise make a later checkpoint restore a KDA state over a different cache).
+  uint64_t rollbacks() const { return rollbacks_; }
+  bool PrefixKept(uint64_t since, int64_t tokens) const {
+    for (const auto& [number, kept] : floors_) {
+      if (number > since) return kept >= tokens;  // the lowest target after `since`
+    }
+    return true;
+  }
+  void NoteRollback(int64_t tokens) {
+    ++rollbacks_;
+    while (!floors_.empty() && floors_.back().second >= tokens) floors_.pop_back();
+    floors_.emplace_back(rollbacks_, tokens);
+  }
+
  protected:
   explicit BackendState(const Backend* owner) : owner_(owner), id_(NextId()) {}
 
@@ -55,6 +75,10 @@ class BackendState {
 
   const Backend* owner_;
   const uint64_t id_;
+  uint64_t rollbacks_ = 0;
+  // (rollback number, tokens kept) of the rollbacks that no later one went at or below: both
+  // increase from the front, so the first entry past a number holds the lowest target since.
+  std::vector<std::pair<uint64_t, int64_t>> floors_;
 };
 
 // What a rollback returns to: the fixed-size KDA state and the token count at checkpoint time
@@ -67,16 +91,18 @@ class StateCheckpoint {
 
   virtual int64_t num_tokens() const = 0;
   const Backend* owner() const { return owner_; }
-  // BackendState::id() of the state it was taken of.
+  // BackendState::id() of the state it was taken of, and its rollbacks() then.
   uint64_t state_id() const { return state_id_; }
+  uint64_t state_rollbacks() const { return state_rollbacks_; }
 
  protected:
   StateCheckpoint(const Backend* owner, const BackendState& of)
-      : owner_(owner), state_id_(of.id()) {}
+      : owner_(owner), state_id_(of.id()), state_rollbacks_(of.rollbacks()) {}
 
  private:
   const Backend* owner_;
   const uint64_t state_id_;
+  const uint64_t state_rollbacks_;
 };
 
 struct SequenceInput {
@@ -113,8 +139,9 @@ class Backend {
   virtual absl::StatusOr<std::unique_ptr<StateCheckpoint>> Checkpoint(
       const BackendState& state) = 0;
   // Returns `state` to `checkpoint`, which must have been taken by this backend of this very
-  // state (not of a destroyed one, nor by another backend), with no forward of fewer tokens in
-  // between (INVALID_ARGUMENT otherwise; the state is then unchanged).
+  // state (not of a destroyed one, nor by another backend), whose first checkpoint.num_tokens()
+  // tokens must still be those of the checkpoint: no rollback below them since it was taken
+  // (INVALID_ARGUMENT otherwise; the state is then unchanged).
   virtual absl::Status Rollback(const StateCheckpoint& checkpoint, BackendState* state) = 0;
 
   // Runs the new tokens of every sequence through the model, appending them to each state, and

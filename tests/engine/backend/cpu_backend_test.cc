@@ -397,6 +397,35 @@ TEST(CpuBackendStateTest, RollbackReturnsToTheCheckpoint) {
   ExpectStatesEqual(Export(*backend, *other), other_before);
 }
 
+// Checkpoints A (10 tokens) and B (20); rolling back to A and feeding other tokens makes B
+// describe a prefix the state no longer has, so B is refused even though the state has enough
+// tokens; A itself, and a checkpoint taken after the rollback, still work.
+TEST(CpuBackendStateTest, RollbackBelowALaterCheckpointInvalidatesIt) {
+  auto backend = MakeBackend();
+  std::unique_ptr<BackendState> state = NewState(*backend);
+  Feed(*backend, state.get(), RandomTokens(10, 40));
+  absl::StatusOr<std::unique_ptr<StateCheckpoint>> a = backend->Checkpoint(*state);
+  ASSERT_TRUE(a.ok()) << a.status();
+  Feed(*backend, state.get(), RandomTokens(10, 41));
+  absl::StatusOr<std::unique_ptr<StateCheckpoint>> b = backend->Checkpoint(*state);
+  ASSERT_TRUE(b.ok()) << b.status();
+  Feed(*backend, state.get(), RandomTokens(3, 42));
+  ASSERT_TRUE(backend->Rollback(**b, state.get()).ok());  // to 20: A's 10 tokens are kept
+  ASSERT_TRUE(backend->Rollback(**a, state.get()).ok());  // to 10
+  Feed(*backend, state.get(), RandomTokens(15, 43));      // 25 tokens, 10..25 new
+  const SessionState before = Export(*backend, *state);
+  absl::Status s = backend->Rollback(**b, state.get());
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  ExpectStatesEqual(Export(*backend, *state), before);
+  absl::StatusOr<std::unique_ptr<StateCheckpoint>> c = backend->Checkpoint(*state);
+  ASSERT_TRUE(c.ok()) << c.status();
+  Feed(*backend, state.get(), RandomTokens(2, 44));
+  EXPECT_TRUE(backend->Rollback(**c, state.get()).ok());
+  EXPECT_EQ(state->num_tokens(), 25);
+  EXPECT_TRUE(backend->Rollback(**a, state.get()).ok());
+  EXPECT_EQ(state->num_tokens(), 10);
+}
+
 // A checkpoint names its state by BackendState::id(), not by address: once the state is gone,
 // no new state accepts it, even one the allocator places at the old address (likely here: the
 // same size freed and allocated again). A checkpoint taken by another backend is refused too.
