@@ -21,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "engine/model/config.h"
 #include "engine/state/session_state.h"
+#include "kernels/sampling/sampling_ref.h"
 
 namespace kls::engine {
 
@@ -105,6 +106,12 @@ class StateCheckpoint {
   const uint64_t state_rollbacks_;
 };
 
+// How to draw the next token of a sequence (Backend::ForwardSample).
+struct SampleRequest {
+  kernels::SamplerConfig config;
+  uint64_t counter = 0;  // SampleReference's per-draw counter (the engine: the token's position)
+};
+
 struct SequenceInput {
   std::span<const int32_t> tokens;  // new tokens of this sequence (>= 1)
   BackendState* state = nullptr;    // continued in place; distinct per entry, from this backend
@@ -152,6 +159,16 @@ class Backend {
   // (a device fault) leave the states of the batch unspecified and may be sticky: healthy()
   // then says so.
   virtual absl::Status Forward(std::span<const SequenceInput> batch, std::span<float> logits) = 0;
+
+  // Forward, then the next token of every sequence from its logits: tokens[n] =
+  // SampleReference(logits of sequence n, vocab, requests[n].config, requests[n].counter), or -1
+  // when those logits hold a NaN or no finite value (SamplableLogits). The logits stay in the
+  // backend (the CUDA backend samples on the GPU and copies back only the tokens). Errors as
+  // Forward's, plus INVALID_ARGUMENT (nothing changed) when requests or tokens do not have one
+  // entry per sequence.
+  virtual absl::Status ForwardSample(std::span<const SequenceInput> batch,
+                                     std::span<const SampleRequest> requests,
+                                     std::span<int32_t> tokens) = 0;
 
   // OK while the backend can run; a sticky device error otherwise (the worker then stops
   // serving, ARCHITECTURE.md §8).

@@ -17,12 +17,7 @@ double SecondsSince(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 bool LogitsAreSamplable(std::span<const float> logits) {
-  bool any_finite = false;
-  for (float x : logits) {
-    if (std::isnan(x)) return false;
-    any_finite |= std::isfinite(x);
-  }
-  return any_finite;
+  return kernels::SamplableLogits(logits.data(), static_cast<int64_t>(logits.size()));
 }
 
 namespace {

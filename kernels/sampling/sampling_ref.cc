@@ -48,6 +48,15 @@ struct Scratch {
 
 }  // namespace
 
+bool SamplableLogits(const float* logits, int64_t vocab_size) {
+  bool any_finite = false;
+  for (int64_t i = 0; i < vocab_size; ++i) {
+    if (std::isnan(logits[i])) return false;
+    any_finite |= std::isfinite(logits[i]);
+  }
+  return any_finite;
+}
+
 double SamplerUniform(uint64_t seed, uint64_t counter) {
   // The counter-th output of a splitmix64 stream whose state starts at the first splitmix64
   // output of `seed`; the top 53 bits become a double in [0, 1).

@@ -30,6 +30,10 @@ double SamplerUniform(uint64_t seed, uint64_t counter);
 int32_t SampleReference(const float* logits, int64_t vocab_size, const SamplerConfig& config,
                         uint64_t counter);
 
+// Whether logits [vocab_size] can be sampled from meaningfully: no NaN and at least one finite
+// value (SampleReference would otherwise return an arbitrary id; the engine fails the turn).
+bool SamplableLogits(const float* logits, int64_t vocab_size);
+
 }  // namespace kls::kernels
 
 #endif  // KLS_KERNELS_SAMPLING_SAMPLING_REF_H_

@@ -969,9 +969,16 @@ class Engine::Impl {
       owners.push_back(turn.get());
     }
     if (batch.empty()) return;
-    const int vocab = config_.vocab_size;
-    logits_.resize(batch.size() * static_cast<size_t>(vocab));
-    const absl::Status status = WithRoom([&] { return backend_->Forward(batch, logits_); });
+    // Each sequence's next token is drawn by the backend (on the GPU for the CUDA backend) with
+    // the counter SampleReference takes: the position of the token being drawn.
+    std::vector<engine::SampleRequest> requests(batch.size());
+    for (size_t i = 0; i < batch.size(); ++i) {
+      requests[i].config = owners[i]->params.sampler;
+      requests[i].counter = static_cast<uint64_t>(batch[i].state->num_tokens()) + fed_counts[i];
+    }
+    std::vector<int32_t> sampled(batch.size());
+    const absl::Status status =
+        WithRoom([&] { return backend_->ForwardSample(batch, requests, sampled); });
     if (!status.ok()) {
       KLS_LOG(ERROR) << "forward pass failed for " << batch.size() << " sequences: " << status;
       // A sticky device error ends this worker's service: every turn fails over to another.
@@ -995,16 +1002,13 @@ class Engine::Impl {
       ActiveTurn& turn = *owners[i];
       if (!turn.decoding) turn.prefilled += fed_counts[i];
       if (!samples[i]) continue;
-      const std::span<const float> row(logits_.data() + i * vocab, vocab);
-      if (!engine::LogitsAreSamplable(row)) {
+      const int32_t token = sampled[i];
+      if (token < 0) {
         Abort(&turn, absl::InternalError(absl::StrCat("the logits at position ",
                                                       turn.session->state->num_tokens(),
                                                       " contain NaN or no finite value")));
         continue;
       }
-      const int32_t token =
-          kernels::SampleReference(row.data(), vocab, turn.params.sampler,
-                                   static_cast<uint64_t>(turn.session->state->num_tokens()));
       if (turn.generated.empty()) turn.first_token_time = absl::Now();
       turn.generated.push_back(token);
       turn.decoding = true;
@@ -1435,7 +1439,6 @@ class Engine::Impl {
   absl::flat_hash_set<std::string> busy_;  // sessions with a turn or operation in flight
   std::deque<std::unique_ptr<ActiveTurn>> waiting_;
   std::vector<std::unique_ptr<ActiveTurn>> active_;
-  std::vector<float> logits_;
   bool draining_ = false;
   absl::Status backend_failure_;  // set once the backend fails for good
   uint64_t generations_ = 0;

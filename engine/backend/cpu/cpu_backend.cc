@@ -172,6 +172,26 @@ absl::Status CpuBackend::Forward(std::span<const SequenceInput> batch, std::span
   return ForwardHost(host, logits);
 }
 
+absl::Status CpuBackend::ForwardSample(std::span<const SequenceInput> batch,
+                                       std::span<const SampleRequest> requests,
+                                       std::span<int32_t> tokens) {
+  if (requests.size() != batch.size() || tokens.size() != batch.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("forward: ", batch.size(), " sequences but ",
+                                                   requests.size(), " sample requests and ",
+                                                   tokens.size(), " token slots"));
+  }
+  const int64_t vocab = weights_->config.vocab_size;
+  sample_logits_.resize(batch.size() * static_cast<size_t>(vocab));
+  KLS_RETURN_IF_ERROR(Forward(batch, sample_logits_));
+  for (size_t n = 0; n < batch.size(); ++n) {
+    const float* row = sample_logits_.data() + n * vocab;
+    tokens[n] = kernels::SamplableLogits(row, vocab)
+                    ? kernels::SampleReference(row, vocab, requests[n].config, requests[n].counter)
+                    : -1;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::Validate(std::span<const HostSequenceInput> batch,
                                   std::span<float> logits) const {
   const ModelConfig& c = weights_->config;

@@ -64,6 +64,9 @@ class CpuBackend final : public Backend {
   absl::StatusOr<std::unique_ptr<StateCheckpoint>> Checkpoint(const BackendState& state) override;
   absl::Status Rollback(const StateCheckpoint& checkpoint, BackendState* state) override;
   absl::Status Forward(std::span<const SequenceInput> batch, std::span<float> logits) override;
+  absl::Status ForwardSample(std::span<const SequenceInput> batch,
+                             std::span<const SampleRequest> requests,
+                             std::span<int32_t> tokens) override;
   absl::Status healthy() const override { return injected_fault_; }
   const ModelConfig& config() const override { return weights_->config; }
   std::string_view name() const override { return "cpu"; }
@@ -102,6 +105,7 @@ class CpuBackend final : public Backend {
   CpuBackendOptions options_;
   std::shared_ptr<int> live_states_ = std::make_shared<int>(0);  // shared with the states
   int forwards_ = 0;
+  std::vector<float> sample_logits_;  // ForwardSample's logits [batch, vocab]
   absl::Status injected_fault_;
 };
 

@@ -20,6 +20,7 @@
 #include "kernels/mla/mla.h"
 #include "kernels/moe/moe.h"
 #include "kernels/norm/norm.h"
+#include "kernels/sampling/sampling.h"
 
 namespace kls::engine {
 
@@ -114,6 +115,9 @@ struct CudaBackend::Impl {
   DeviceMemory x, normed, delta, proj, conv_out, low, f, g, beta, kda_out, mid, kv, rows, attn;
   DeviceMemory q_latent, q_pe, o_latent, router_logits, expert_ids, expert_weights, shared_out;
   DeviceMemory moe_ws, kda_ws, mla_ws, last, logits_dev, meta_dev, error_flag;
+  // ForwardSample: per-row SamplerConfig [nm], counters [nm] uint64, tokens then ok flags
+  // [2, nm] int32.
+  DeviceMemory sample_configs, sample_counters, sample_out;
   size_t moe_ws_bytes = 0, kda_ws_bytes = 0, mla_ws_bytes = 0;
   PinnedMemory meta_host, logits_host;
   // Prefill decompression and import/export scratch, grown on demand (never inside a graph).
@@ -290,6 +294,10 @@ absl::Status CudaBackend::Impl::Init() {
   KLS_RETURN_IF_ERROR(alloc(last, nm * d * 2, "last positions"));
   KLS_RETURN_IF_ERROR(alloc(logits_dev, nm * v * 4, "logits"));
   KLS_RETURN_IF_ERROR(alloc(error_flag, 4, "error flag"));
+  KLS_RETURN_IF_ERROR(
+      alloc(sample_configs, nm * static_cast<int64_t>(sizeof(kernels::SamplerConfig)), "sampling"));
+  KLS_RETURN_IF_ERROR(alloc(sample_counters, nm * 8, "sampling"));
+  KLS_RETURN_IF_ERROR(alloc(sample_out, 2 * nm * 4, "sampled tokens"));
   KLS_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(error_flag.get(), 0, 4, s()));
 
   // Kernel workspaces at their largest.
@@ -1022,6 +1030,22 @@ absl::Status CudaBackend::Impl::RunStep(const StepPlan& p, bool decode_only) {
 }
 
 absl::Status CudaBackend::Forward(std::span<const SequenceInput> batch, std::span<float> logits) {
+  return Step(batch, logits, {}, {});
+}
+
+absl::Status CudaBackend::ForwardSample(std::span<const SequenceInput> batch,
+                                        std::span<const SampleRequest> requests,
+                                        std::span<int32_t> tokens) {
+  if (requests.size() != batch.size() || tokens.size() != batch.size() || batch.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("forward: ", batch.size(), " sequences but ",
+                                                   requests.size(), " sample requests and ",
+                                                   tokens.size(), " token slots"));
+  }
+  return Step(batch, {}, requests, tokens);
+}
+
+absl::Status CudaBackend::Step(std::span<const SequenceInput> batch, std::span<float> logits,
+                               std::span<const SampleRequest> requests, std::span<int32_t> tokens) {
   KLS_RETURN_IF_ERROR(impl_->sticky);
   KLS_RETURN_IF_ERROR(impl_->Fail(impl_->UseDevice()));
   Impl& m = *impl_;
@@ -1033,7 +1057,8 @@ absl::Status CudaBackend::Forward(std::span<const SequenceInput> batch, std::spa
                                                    " sequences exceed the step limit of ",
                                                    m.options.max_step_seqs));
   }
-  if (logits.size() != batch.size() * static_cast<size_t>(c.vocab_size)) {
+  const bool sampling = !requests.empty();
+  if (!sampling && logits.size() != batch.size() * static_cast<size_t>(c.vocab_size)) {
     return absl::InvalidArgumentError(absl::StrCat("forward: logits buffer holds ", logits.size(),
                                                    " values, need ", batch.size() * c.vocab_size));
   }
@@ -1160,7 +1185,46 @@ absl::Status CudaBackend::Forward(std::span<const SequenceInput> batch, std::spa
         "uploading step metadata");
   }
   if (status.ok()) status = m.RunStep(p, decode_only);
-  if (status.ok()) {
+  // Sampling: the configs and counters in device row order go up through the (pinned) logits
+  // staging buffer, the tokens and samplable flags come back through it; else the logits.
+  auto* const sample_host = m.logits_host.as<char>();
+  const size_t configs_bytes = static_cast<size_t>(p.n) * sizeof(kernels::SamplerConfig);
+  if (status.ok() && sampling) {
+    auto* configs = reinterpret_cast<kernels::SamplerConfig*>(sample_host);
+    auto* counters = reinterpret_cast<uint64_t*>(sample_host + configs_bytes);
+    for (int i = 0; i < p.n; ++i) {
+      configs[i] = requests[order[i]].config;
+      counters[i] = requests[order[i]].counter;
+    }
+    status = CudaStatus(cudaMemcpyAsync(m.sample_configs.get(), configs, configs_bytes,
+                                        cudaMemcpyHostToDevice, m.s()),
+                        "uploading sampler configs");
+    if (status.ok()) {
+      status = CudaStatus(cudaMemcpyAsync(m.sample_counters.get(), counters, p.n * 8,
+                                          cudaMemcpyHostToDevice, m.s()),
+                          "uploading sampler counters");
+    }
+    int32_t* const out_dev = m.sample_out.as<int32_t>();
+    if (status.ok()) {
+      status = CudaStatus(
+          kernels::LaunchSampleTokens(m.logits_dev.as<float>(), c.vocab_size, c.vocab_size, p.n,
+                                      m.sample_configs.as<kernels::SamplerConfig>(),
+                                      m.sample_counters.as<uint64_t>(), out_dev, m.s()),
+          "sampling");
+    }
+    if (status.ok()) {
+      status = CudaStatus(cuda::LaunchLogitsSamplable(m.logits_dev.as<float>(), p.n, c.vocab_size,
+                                                      out_dev + p.n, m.s()),
+                          "checking logits");
+    }
+    // The host copies above must have been read before the download overwrites the staging.
+    if (status.ok()) {
+      status =
+          CudaStatus(cudaMemcpyAsync(sample_host + configs_bytes + p.n * 8, out_dev,
+                                     static_cast<size_t>(p.n) * 8, cudaMemcpyDeviceToHost, m.s()),
+                     "downloading sampled tokens");
+    }
+  } else if (status.ok()) {
     status = CudaStatus(
         cudaMemcpyAsync(m.logits_host.as<float>(), m.logits_dev.get(),
                         static_cast<size_t>(p.n) * c.vocab_size * 4, cudaMemcpyDeviceToHost, m.s()),
@@ -1189,6 +1253,11 @@ absl::Status CudaBackend::Forward(std::span<const SequenceInput> batch, std::spa
   if (*flag_host != 0) {
     (void)cudaMemset(m.error_flag.get(), 0, 4);
     return absl::InternalError("forward: a gather index was out of range on the device");
+  }
+  if (sampling) {
+    const auto* sampled = reinterpret_cast<const int32_t*>(sample_host + configs_bytes + p.n * 8);
+    for (int i = 0; i < p.n; ++i) tokens[order[i]] = sampled[p.n + i] != 0 ? sampled[i] : -1;
+    return absl::OkStatus();
   }
   for (int i = 0; i < p.n; ++i) {
     std::memcpy(logits.data() + static_cast<size_t>(order[i]) * c.vocab_size,

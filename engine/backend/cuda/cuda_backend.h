@@ -60,6 +60,10 @@ class CudaBackend final : public Backend {
   absl::StatusOr<std::unique_ptr<StateCheckpoint>> Checkpoint(const BackendState& state) override;
   absl::Status Rollback(const StateCheckpoint& checkpoint, BackendState* state) override;
   absl::Status Forward(std::span<const SequenceInput> batch, std::span<float> logits) override;
+  // Samples on the GPU (kernels/sampling) and copies back only the tokens.
+  absl::Status ForwardSample(std::span<const SequenceInput> batch,
+                             std::span<const SampleRequest> requests,
+                             std::span<int32_t> tokens) override;
   absl::Status healthy() const override;
   const ModelConfig& config() const override;
   std::string_view name() const override { return "cuda"; }
@@ -88,6 +92,9 @@ class CudaBackend final : public Backend {
   struct Impl;
 
  private:
+  // Forward's body: logits to `logits`, or (requests non-empty) tokens sampled on the GPU.
+  absl::Status Step(std::span<const SequenceInput> batch, std::span<float> logits,
+                    std::span<const SampleRequest> requests, std::span<int32_t> tokens);
   explicit CudaBackend(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

@@ -153,6 +153,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+__global__ void LogitsSamplableKernel(const float* __restrict__ logits, int64_t vocab,
+                                      int32_t* __restrict__ ok) {
+  const float* row = logits + static_cast<int64_t>(blockIdx.x) * vocab;
+  int nan = 0, finite = 0;
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float x = row[i];
+    nan |= isnan(x) ? 1 : 0;
+    finite |= isfinite(x) ? 1 : 0;
+  }
+  nan = __syncthreads_or(nan);
+  finite = __syncthreads_or(finite);
+  if (threadIdx.x == 0) ok[blockIdx.x] = !nan && finite ? 1 : 0;
+}
+
 // One block per row; the row's fp32 sum of squares by a block reduction.
 __global__ void AddRmsNormF32Kernel(const bf16* __restrict__ delta, float* __restrict__ residual,
                                     const bf16* __restrict__ weight, int dim, float eps,
@@ -271,6 +285,16 @@ cudaError_t LaunchGatherPagedRows(const bf16* pages, int page_size, int row_dim,
   GatherPagedRowsKernel<<<blocks, 128, 0, stream>>>(pages, page_size, row_dim, block_table,
                                                     max_pages_per_seq, row_starts, num_seqs,
                                                     total_rows, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchLogitsSamplable(const float* logits, int rows, int64_t vocab, int32_t* ok,
+                                  cudaStream_t stream) {
+  if (rows < 0 || vocab < 1 || (rows > 0 && (logits == nullptr || ok == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0) return cudaSuccess;
+  LogitsSamplableKernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(logits, vocab, ok);
   return cudaGetLastError();
 }
 

@@ -302,6 +302,51 @@ void ExpectStatesEqual(const SessionState& a, const SessionState& b) {
   }
 }
 
+// ForwardSample draws what SampleReference draws from Forward's logits, per sequence of a
+// mixed batch, and refuses request or token spans of the wrong size without changing a state.
+TEST(CpuBackendTest, ForwardSampleDrawsFromForwardsLogits) {
+  const ModelConfig& config = TinyModel().weights->config;
+  const int64_t vocab = config.vocab_size;
+  auto backend = MakeBackend();
+  std::vector<std::unique_ptr<BackendState>> sampled, plain;
+  const std::vector<std::vector<int32_t>> inputs = {RandomTokens(30, 50), {7}, RandomTokens(5, 51)};
+  for (int i = 0; i < 3; ++i) {
+    sampled.push_back(*backend->NewState());
+    plain.push_back(*backend->NewState());
+  }
+  Feed(*backend, sampled[1].get(), RandomTokens(12, 52));
+  Feed(*backend, plain[1].get(), RandomTokens(12, 52));
+  std::vector<SampleRequest> requests(3);
+  requests[0].config = {};  // greedy
+  requests[1].config = {.temperature = 0.8f, .top_p = 0.9f, .top_k = 0, .seed = 3};
+  requests[2].config = {.temperature = 1.3f, .top_p = 1.0f, .top_k = 40, .seed = 4};
+  for (int i = 0; i < 3; ++i) requests[i].counter = 100 + i;
+  std::vector<SequenceInput> a, b;
+  for (int i = 0; i < 3; ++i) {
+    a.push_back({inputs[i], sampled[i].get()});
+    b.push_back({inputs[i], plain[i].get()});
+  }
+  std::vector<int32_t> tokens(3, -2);
+  ASSERT_TRUE(backend->ForwardSample(a, requests, tokens).ok());
+  std::vector<float> logits(3 * vocab);
+  ASSERT_TRUE(backend->Forward(b, logits).ok());
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(tokens[i], kernels::SampleReference(logits.data() + i * vocab, vocab,
+                                                  requests[i].config, requests[i].counter))
+        << "sequence " << i;
+  }
+  for (int i = 0; i < 3; ++i) {
+    ExpectStatesClose(*backend->HostState(*sampled[i]), *backend->HostState(*plain[i]), 0.0);
+  }
+
+  std::vector<int32_t> short_tokens(2);
+  const int64_t before = sampled[0]->num_tokens();
+  EXPECT_TRUE(absl::IsInvalidArgument(backend->ForwardSample(a, requests, short_tokens)));
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      backend->ForwardSample(a, std::span<const SampleRequest>(requests).first(1), tokens)));
+  EXPECT_EQ(sampled[0]->num_tokens(), before);
+}
+
 TEST(CpuBackendStateTest, CloneContinuesIndependently) {
   auto backend = MakeBackend();
   const std::vector<int32_t> prompt = RandomTokens(40, 1), x = RandomTokens(5, 2),

@@ -527,6 +527,58 @@ TEST_F(CudaBackendTest, ForksCheckpointsAndTransfersAreExact) {
             std::vector<float>(full.mla()[0].latent.begin() + 70 * d, full.mla()[0].latent.end()));
 }
 
+// ForwardSample samples on the GPU what SampleReference draws on the host from the GPU's own
+// logits (Forward on twin states), for greedy, temperature, top-k and top-p rows of a mixed
+// batch, over several steps.
+TEST_F(CudaBackendTest, GpuSamplingMatchesTheHostOnItsLogits) {
+  const LoadedModel& model = ::kls::testing::TinyModel();
+  auto gpu = MakeCuda(*model.weights);
+  ASSERT_NE(gpu, nullptr);
+  const int64_t vocab = model.weights->config.vocab_size;
+  std::vector<std::unique_ptr<BackendState>> sampled, plain;
+  for (int i = 0; i < 4; ++i) {
+    sampled.push_back(New(*gpu));
+    plain.push_back(New(*gpu));
+    const std::vector<int32_t> history = RandomTokens(9 + 11 * i, 60 + i, 256);
+    Feed(*gpu, sampled.back().get(), history);
+    Feed(*gpu, plain.back().get(), history);
+  }
+  std::vector<SampleRequest> requests(4);
+  requests[1].config = {.temperature = 0.7f, .top_p = 1.0f, .top_k = 0, .seed = 11};
+  requests[2].config = {.temperature = 1.0f, .top_p = 0.8f, .top_k = 0, .seed = 12};
+  requests[3].config = {.temperature = 1.5f, .top_p = 0.95f, .top_k = 20, .seed = 13};
+  std::vector<int32_t> next = {5, 6, 7, 8};
+  for (int step = 0; step < 6; ++step) {
+    // Sequence 3 feeds a chunk every other step, so decode-only and mixed steps both run.
+    std::vector<std::vector<int32_t>> feeds;
+    for (int i = 0; i < 4; ++i) {
+      feeds.push_back(i == 3 && step % 2 == 1 ? RandomTokens(17, 70 + step, 256)
+                                              : std::vector<int32_t>{next[i]});
+    }
+    std::vector<SequenceInput> a, b;
+    for (int i = 0; i < 4; ++i) {
+      a.push_back({feeds[i], sampled[i].get()});
+      b.push_back({feeds[i], plain[i].get()});
+      requests[i].counter = static_cast<uint64_t>(sampled[i]->num_tokens() + feeds[i].size());
+    }
+    std::vector<int32_t> tokens(4, -2);
+    ASSERT_TRUE(gpu->ForwardSample(a, requests, tokens).ok());
+    std::vector<float> logits(4 * vocab);
+    ASSERT_TRUE(gpu->Forward(b, logits).ok());
+    for (int i = 0; i < 4; ++i) {
+      const int32_t want = kernels::SampleReference(logits.data() + i * vocab, vocab,
+                                                    requests[i].config, requests[i].counter);
+      EXPECT_EQ(tokens[i], want) << "step " << step << ", sequence " << i;
+      next[i] = want;
+    }
+  }
+  std::vector<int32_t> wrong(3);
+  const std::vector<int32_t> one = {1};
+  SequenceInput in{one, sampled[0].get()};
+  EXPECT_TRUE(absl::IsInvalidArgument(gpu->ForwardSample(
+      {&in, 1}, std::span<const SampleRequest>(requests).first(1), std::span<int32_t>(wrong))));
+}
+
 // A checkpoint of a destroyed state does not roll back a new state, even one at the old address
 // (BackendState::id()); the new state and its KDA slot are left as they were.
 TEST_F(CudaBackendTest, StaleCheckpointIsRefused) {

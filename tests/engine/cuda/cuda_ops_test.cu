@@ -1,16 +1,19 @@
-// The CUDA backend's own ops against fp64 host references (HOUSE_STYLE.md H5, H6): the
-// fp32-residual add + RMSNorm at the block boundaries, through both of its kernels (rows held in
-// registers when dim % 4 == 0 and dim <= 8192, a strided loop otherwise), with and without a delta,
-// at odd shapes and the real model's width.
+// The CUDA backend's own ops against host references (HOUSE_STYLE.md H5, H6): the fp32-residual
+// add + RMSNorm at the block boundaries against fp64, through both of its kernels (rows held in
+// registers when dim % 4 == 0 and dim <= 8192, a strided loop otherwise), with and without a
+// delta, at odd shapes and the real model's width; the samplable-logits check against
+// kernels::SamplableLogits.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
 #include "engine/backend/cuda/cuda_ops.h"
+#include "kernels/sampling/sampling_ref.h"
 #include "tests/kernels/cuda/cuda_test_util.h"
 
 namespace kls::engine::cuda {
@@ -105,6 +108,41 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AddRmsNormF32Test,
                                   (info.param.with_delta ? "_delta" : "_nodelta") +
                                   (info.param.residual_offset != 0 ? "_misaligned" : "");
                          });
+
+// LaunchLogitsSamplable agrees with kernels::SamplableLogits: a NaN anywhere or no finite
+// value makes a row unsamplable; ±inf alongside a finite value does not.
+class CudaOpsTest : public CudaTest {};
+
+TEST_F(CudaOpsTest, LogitsSamplableFlagsNaNAndAllInfiniteRows) {
+  constexpr int kVocab = 1000;
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<std::vector<float>> rows(5, std::vector<float>(kVocab, 0.5f));
+  rows[1][999] = nan;            // one NaN at the end
+  rows[2].assign(kVocab, -inf);  // nothing finite
+  rows[3].assign(kVocab, -inf);
+  rows[3][17] = 2.0f;  // one finite value
+  rows[4][0] = inf;    // +inf and finite ones
+  std::vector<float> flat;
+  for (const auto& r : rows) flat.insert(flat.end(), r.begin(), r.end());
+  DeviceBuffer<float> d_logits;
+  DeviceBuffer<int32_t> d_ok;
+  ASSERT_CUDA_OK(Upload(flat, d_logits));
+  ASSERT_CUDA_OK(d_ok.Allocate(5));
+  ASSERT_CUDA_OK(Poison(d_ok));
+  ASSERT_CUDA_OK(LaunchLogitsSamplable(d_logits.get(), 5, kVocab, d_ok.get(), stream()));
+  ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
+  std::vector<int32_t> ok;
+  ASSERT_CUDA_OK(Download(d_ok, ok));
+  for (int r = 0; r < 5; ++r) {
+    EXPECT_EQ(ok[r] == 1, kernels::SamplableLogits(rows[r].data(), kVocab)) << "row " << r;
+    EXPECT_TRUE(ok[r] == 0 || ok[r] == 1) << "row " << r;
+  }
+  EXPECT_EQ(ok, (std::vector<int32_t>{1, 0, 0, 1, 1}));
+  EXPECT_EQ(LaunchLogitsSamplable(nullptr, 1, kVocab, d_ok.get(), stream()), cudaErrorInvalidValue);
+  EXPECT_EQ(LaunchLogitsSamplable(d_logits.get(), 1, 0, d_ok.get(), stream()),
+            cudaErrorInvalidValue);
+}
 
 }  // namespace
 }  // namespace kls::engine::cuda
