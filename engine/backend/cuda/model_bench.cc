@@ -274,9 +274,19 @@ absl::Status RunModelBench(const ModelBenchOptions& options, std::FILE* json) {
           for (int b = 0; b < batch; ++b) {
             in.push_back({std::span<const int32_t>(&tokens[b], 1), states[b].get()});
           }
+          // The serving path: greedy tokens sampled on the GPU and fed back (the worker's
+          // ForwardSample), not the logits copied to the host.
+          std::vector<SampleRequest> requests(batch);
+          for (int b = 0; b < batch; ++b) {
+            requests[b].counter = static_cast<uint64_t>(states[b]->num_tokens() + 1);
+          }
+          std::vector<int32_t> sampled(batch);
           const auto t0 = std::chrono::steady_clock::now();
-          s = backend->Forward(in, {logits.data(), static_cast<size_t>(batch) * c.vocab_size});
+          s = backend->ForwardSample(in, requests, sampled);
           if (i >= 3) steps.push_back(Seconds(t0, std::chrono::steady_clock::now()));
+          for (int b = 0; b < batch && s.ok(); ++b) {
+            if (sampled[b] >= 0) tokens[b] = sampled[b];
+          }
         }
         if (!s.ok()) {
           std::fprintf(json,
