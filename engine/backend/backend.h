@@ -178,6 +178,26 @@ class Backend {
   virtual std::string_view name() const = 0;
 };
 
+// The checks every Backend::Rollback makes before touching anything: `checkpoint` was taken by
+// `backend` of `state` itself (BackendState::id()), no rollback since went below its tokens
+// (BackendState::PrefixKept), and the state still has at least that many tokens.
+// INVALID_ARGUMENT naming the failed check otherwise.
+inline absl::Status CheckRollback(const Backend* backend, const StateCheckpoint& checkpoint,
+                                  const BackendState* state) {
+  if (state == nullptr || state->owner() != backend || checkpoint.owner() != backend ||
+      checkpoint.state_id() != state->id()) {
+    return absl::InvalidArgumentError("rollback: the checkpoint was not taken of this state");
+  }
+  if (!state->PrefixKept(checkpoint.state_rollbacks(), checkpoint.num_tokens())) {
+    return absl::InvalidArgumentError(
+        "rollback: a later rollback went below the checkpoint's tokens, which differ now");
+  }
+  if (state->num_tokens() < checkpoint.num_tokens()) {
+    return absl::InvalidArgumentError("rollback: the state has fewer tokens than the checkpoint");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace kls::engine
 
 #endif  // KLS_ENGINE_BACKEND_BACKEND_H_

@@ -133,18 +133,9 @@ absl::StatusOr<std::unique_ptr<StateCheckpoint>> CpuBackend::Checkpoint(const Ba
 }
 
 absl::Status CpuBackend::Rollback(const StateCheckpoint& checkpoint, BackendState* state) {
+  KLS_RETURN_IF_ERROR(CheckRollback(this, checkpoint, state));
   SessionState* host = HostState(state);
-  if (host == nullptr || checkpoint.owner() != this || checkpoint.state_id() != state->id()) {
-    return absl::InvalidArgumentError("rollback: the checkpoint was not taken of this state");
-  }
   const auto& cp = static_cast<const CpuCheckpoint&>(checkpoint);
-  if (!state->PrefixKept(checkpoint.state_rollbacks(), cp.tokens)) {
-    return absl::InvalidArgumentError(
-        "rollback: a later rollback went below the checkpoint's tokens, which differ now");
-  }
-  if (host->num_tokens() < cp.tokens) {
-    return absl::InvalidArgumentError("rollback: the state has fewer tokens than the checkpoint");
-  }
   host->kda() = cp.kda;
   host->TruncateTokens(cp.tokens);
   state->NoteRollback(cp.tokens);

@@ -546,18 +546,8 @@ absl::StatusOr<std::unique_ptr<StateCheckpoint>> CudaBackend::Checkpoint(
 absl::Status CudaBackend::Rollback(const StateCheckpoint& checkpoint, BackendState* state) {
   KLS_RETURN_IF_ERROR(impl_->sticky);
   KLS_RETURN_IF_ERROR(impl_->Fail(impl_->UseDevice()));
-  if (state == nullptr || state->owner() != this || checkpoint.owner() != this ||
-      checkpoint.state_id() != state->id()) {
-    return absl::InvalidArgumentError("rollback: the checkpoint was not taken of this state");
-  }
+  KLS_RETURN_IF_ERROR(CheckRollback(this, checkpoint, state));
   const auto& cp = static_cast<const CudaCheckpoint&>(checkpoint);
-  if (!state->PrefixKept(checkpoint.state_rollbacks(), cp.tokens)) {
-    return absl::InvalidArgumentError(
-        "rollback: a later rollback went below the checkpoint's tokens, which differ now");
-  }
-  if (state->num_tokens() < cp.tokens) {
-    return absl::InvalidArgumentError("rollback: the state has fewer tokens than the checkpoint");
-  }
   auto& target = static_cast<CudaState&>(*state);
   KLS_RETURN_IF_ERROR(impl_->Fail(impl_->CopySlot(cp.slot, target.slot)));
   impl_->pages->Truncate(target.pages, cp.tokens);
