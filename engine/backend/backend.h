@@ -19,6 +19,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "engine/model/config.h"
 #include "engine/state/session_state.h"
 #include "kernels/sampling/sampling_ref.h"
@@ -194,6 +195,19 @@ inline absl::Status CheckRollback(const Backend* backend, const StateCheckpoint&
   }
   if (state->num_tokens() < checkpoint.num_tokens()) {
     return absl::InvalidArgumentError("rollback: the state has fewer tokens than the checkpoint");
+  }
+  return absl::OkStatus();
+}
+
+// Backend::ForwardSample's argument check: a non-empty batch and one request and one token
+// slot per sequence; INVALID_ARGUMENT with the three sizes otherwise.
+inline absl::Status CheckSampleSpans(std::span<const SequenceInput> batch,
+                                     std::span<const SampleRequest> requests,
+                                     std::span<const int32_t> tokens) {
+  if (batch.empty() || requests.size() != batch.size() || tokens.size() != batch.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("forward: ", batch.size(), " sequences but ",
+                                                   requests.size(), " sample requests and ",
+                                                   tokens.size(), " token slots"));
   }
   return absl::OkStatus();
 }

@@ -16,10 +16,6 @@ double SecondsSince(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
-bool LogitsAreSamplable(std::span<const float> logits) {
-  return kernels::SamplableLogits(logits.data(), static_cast<int64_t>(logits.size()));
-}
-
 namespace {
 
 // The tokenizer of `model_dir`, which must cover exactly the model's vocabulary: every id the
@@ -130,7 +126,7 @@ absl::StatusOr<GenerateResult> Generate(Backend& backend, BackendState* state,
   while (true) {
     if (options.observe_logits) options.observe_logits(logits);
     // A NaN or all -inf row means the forward pass broke; never turn it into a token.
-    if (!LogitsAreSamplable(logits)) {
+    if (!kernels::SamplableLogits(logits.data(), static_cast<int64_t>(logits.size()))) {
       return absl::InternalError(absl::StrCat("the logits at position ", state->num_tokens(),
                                               " contain NaN or no finite value"));
     }

@@ -38,10 +38,6 @@ absl::StatusOr<LoadedModel> LoadModelWithoutWeights(const std::string& model_dir
 // top_k >= 0.
 absl::Status ValidateSamplerConfig(const kernels::SamplerConfig& config);
 
-// True when no logit is NaN and at least one is finite: a row a token may be drawn from. A NaN
-// or all -inf row means the forward pass broke.
-bool LogitsAreSamplable(std::span<const float> logits);
-
 enum class FinishReason { kStop, kLength, kCancelled };
 std::string_view FinishReasonName(FinishReason reason);
 

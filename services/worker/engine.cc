@@ -971,14 +971,15 @@ class Engine::Impl {
     if (batch.empty()) return;
     // Each sequence's next token is drawn by the backend (on the GPU for the CUDA backend) with
     // the counter SampleReference takes: the position of the token being drawn.
-    std::vector<engine::SampleRequest> requests(batch.size());
+    sample_requests_.resize(batch.size());
     for (size_t i = 0; i < batch.size(); ++i) {
-      requests[i].config = owners[i]->params.sampler;
-      requests[i].counter = static_cast<uint64_t>(batch[i].state->num_tokens()) + fed_counts[i];
+      sample_requests_[i].config = owners[i]->params.sampler;
+      sample_requests_[i].counter =
+          static_cast<uint64_t>(batch[i].state->num_tokens()) + fed_counts[i];
     }
-    std::vector<int32_t> sampled(batch.size());
+    sampled_.resize(batch.size());
     const absl::Status status =
-        WithRoom([&] { return backend_->ForwardSample(batch, requests, sampled); });
+        WithRoom([&] { return backend_->ForwardSample(batch, sample_requests_, sampled_); });
     if (!status.ok()) {
       KLS_LOG(ERROR) << "forward pass failed for " << batch.size() << " sequences: " << status;
       // A sticky device error ends this worker's service: every turn fails over to another.
@@ -1002,7 +1003,7 @@ class Engine::Impl {
       ActiveTurn& turn = *owners[i];
       if (!turn.decoding) turn.prefilled += fed_counts[i];
       if (!samples[i]) continue;
-      const int32_t token = sampled[i];
+      const int32_t token = sampled_[i];
       if (token < 0) {
         Abort(&turn, absl::InternalError(absl::StrCat("the logits at position ",
                                                       turn.session->state->num_tokens(),
@@ -1439,6 +1440,8 @@ class Engine::Impl {
   absl::flat_hash_set<std::string> busy_;  // sessions with a turn or operation in flight
   std::deque<std::unique_ptr<ActiveTurn>> waiting_;
   std::vector<std::unique_ptr<ActiveTurn>> active_;
+  std::vector<engine::SampleRequest> sample_requests_;  // a step's, reused across steps
+  std::vector<int32_t> sampled_;                        // a step's tokens (-1: unsamplable)
   bool draining_ = false;
   absl::Status backend_failure_;  // set once the backend fails for good
   uint64_t generations_ = 0;

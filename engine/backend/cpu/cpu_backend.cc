@@ -166,11 +166,7 @@ absl::Status CpuBackend::Forward(std::span<const SequenceInput> batch, std::span
 absl::Status CpuBackend::ForwardSample(std::span<const SequenceInput> batch,
                                        std::span<const SampleRequest> requests,
                                        std::span<int32_t> tokens) {
-  if (requests.size() != batch.size() || tokens.size() != batch.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("forward: ", batch.size(), " sequences but ",
-                                                   requests.size(), " sample requests and ",
-                                                   tokens.size(), " token slots"));
-  }
+  KLS_RETURN_IF_ERROR(CheckSampleSpans(batch, requests, tokens));
   const int64_t vocab = weights_->config.vocab_size;
   sample_logits_.resize(batch.size() * static_cast<size_t>(vocab));
   KLS_RETURN_IF_ERROR(Forward(batch, sample_logits_));

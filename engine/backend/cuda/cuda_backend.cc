@@ -1026,11 +1026,7 @@ absl::Status CudaBackend::Forward(std::span<const SequenceInput> batch, std::spa
 absl::Status CudaBackend::ForwardSample(std::span<const SequenceInput> batch,
                                         std::span<const SampleRequest> requests,
                                         std::span<int32_t> tokens) {
-  if (requests.size() != batch.size() || tokens.size() != batch.size() || batch.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("forward: ", batch.size(), " sequences but ",
-                                                   requests.size(), " sample requests and ",
-                                                   tokens.size(), " token slots"));
-  }
+  KLS_RETURN_IF_ERROR(CheckSampleSpans(batch, requests, tokens));
   return Step(batch, {}, requests, tokens);
 }
 
@@ -1207,7 +1203,7 @@ absl::Status CudaBackend::Step(std::span<const SequenceInput> batch, std::span<f
                                                       out_dev + p.n, m.s()),
                           "checking logits");
     }
-    // The host copies above must have been read before the download overwrites the staging.
+    // Into the staging right after the counters, so the uploads' bytes are left alone.
     if (status.ok()) {
       status =
           CudaStatus(cudaMemcpyAsync(sample_host + configs_bytes + p.n * 8, out_dev,

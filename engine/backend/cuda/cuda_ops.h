@@ -53,14 +53,14 @@ cudaError_t LaunchBuildMlaKeys(const __nv_bfloat16* kv_b, const __nv_bfloat16* c
 //   residual[r, :] += delta[r, :] (skipped when delta is null);
 //   out[r, :] = bf16(weight ⊙ residual[r, :] / sqrt(mean(residual[r, :]²) + eps))
 //   delta [rows, dim] bf16 or null; residual [rows, dim] fp32 in/out; weight [dim]; out [rows, dim]
+cudaError_t LaunchAddRmsNormF32(const __nv_bfloat16* delta, float* residual,
+                                const __nv_bfloat16* weight, int64_t rows, int dim, float eps,
+                                __nv_bfloat16* out, cudaStream_t stream);
+
 // ok[r] = 1 when row r of logits [rows, vocab] fp32 holds no NaN and at least one finite
 // value (kernels::SamplableLogits), else 0. One block per row.
 cudaError_t LaunchLogitsSamplable(const float* logits, int rows, int64_t vocab, int32_t* ok,
                                   cudaStream_t stream);
-
-cudaError_t LaunchAddRmsNormF32(const __nv_bfloat16* delta, float* residual,
-                                const __nv_bfloat16* weight, int64_t rows, int dim, float eps,
-                                __nv_bfloat16* out, cudaStream_t stream);
 
 // Elementwise conversions (round to nearest even; bf16 → fp32 is exact).
 cudaError_t LaunchFloatToBf16(const float* in, int64_t n, __nv_bfloat16* out, cudaStream_t stream);
