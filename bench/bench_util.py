@@ -23,16 +23,18 @@ import torch
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def parse_args(doc, name, cases, quick_help="small shapes only (smoke test)"):
+def parse_args(doc, name, cases, quick_help="small shapes only (smoke test)", extra=()):
     """Parses --lib (path to lib<name>_bench.so, required), --results-dir, --cases (a
-    comma-separated subset of `cases`, all of them by default) and --quick; the description is
-    the first line of `doc`. Returns (args, the set of wanted case names); exits with usage on
-    bad arguments (argparse)."""
+    comma-separated subset of `cases`, all of them by default), --quick and the boolean flags
+    `extra` ((flag, help) pairs); the description is the first line of `doc`. Returns (args, the
+    set of wanted case names); exits with usage on bad arguments (argparse)."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--lib", required=True, help=f"path to lib{name}_bench.so")
     ap.add_argument("--results-dir", default="bench/results")
     ap.add_argument("--cases", default=cases, help=f"comma-separated subset of {cases}")
     ap.add_argument("--quick", action="store_true", help=quick_help)
+    for flag, help_text in extra:
+        ap.add_argument(flag, action="store_true", help=help_text)
     args = ap.parse_args()
     return args, set(args.cases.split(","))
 

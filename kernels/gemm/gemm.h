@@ -202,6 +202,49 @@ GemmArgs MlaAbsorbOutputArgs(const __nv_bfloat16* o_latent, int64_t o_row_stride
                              __nv_bfloat16* out, int64_t out_row_stride, int64_t out_head_stride,
                              int64_t tokens, int heads, int dn, int dv, int dc);
 
+// ---- Skinny GEMMs: decode-sized steps (gemm_skinny.cu) ---------------------------------------
+//
+// y[i, o] (+)= Σ_j x[i, j] · W[o, j] for m <= kSkinnyGemmMaxRows token rows and an nn.Linear
+// weight W [n, k], as one pass over W at memory speed: a decode step's projections are GEMVs whose
+// cost is reading the weight, which cuBLASLt's tiles (and its split-K reductions) do at a fraction
+// of the bandwidth. Up to kSkinnyGemmMaxProblems independent problems with the same m run in one
+// launch (e.g. the projections that read the same normalized rows). Same numerics contract as
+// CublasLtGemm: fp32 products and sums (in another order), y rounded once; kAccumulate adds the
+// old y in fp32 before that rounding.
+inline constexpr int64_t kSkinnyGemmMaxRows = 16;
+inline constexpr int kSkinnyGemmMaxProblems = 4;
+
+struct SkinnyGemmProblem {
+  const __nv_bfloat16* x = nullptr;  // [m, k], row stride ldx >= k; x and ldx 16-byte aligned
+  int64_t ldx = 0;
+  const __nv_bfloat16* w = nullptr;  // [n, k] (nn.Linear), row stride ldw >= k; 16-byte aligned
+  int64_t ldw = 0;
+  void* y = nullptr;  // [m, n] of y_type, row stride ldy >= n; must not overlap any x, w or y
+  GemmOutputType y_type = GemmOutputType::kBf16;
+  int64_t ldy = 0;
+  int64_t n = 0;  // >= 1
+  int64_t k = 0;  // >= 1, a multiple of 8 (16-byte loads)
+  GemmOutputMode mode = GemmOutputMode::kOverwrite;
+};
+
+struct SkinnyGemmArgs {
+  int64_t m = 0;         // token rows, 0..kSkinnyGemmMaxRows; 0 makes the call a no-op
+  int num_problems = 0;  // 1..kSkinnyGemmMaxProblems
+  SkinnyGemmProblem problems[kSkinnyGemmMaxProblems];
+  // Launch shape, for benchmarks: warps per CTA (4, 8 or 16; 0 picks from the grid size) and
+  // 32-wide k chunks of loads in flight per warp (4 or 8; 0 = 4).
+  int warps_per_cta = 0;
+  int chunks_in_flight = 0;
+  // Programmatic dependent launch: the kernel may start during the previous kernel on the stream
+  // and prefetch its weights, reading x and writing y only once that kernel has completed.
+  bool overlap_previous_kernel = false;
+};
+
+// Validates every problem on the host (CUBLAS_STATUS_INVALID_VALUE with the field named; nothing
+// is launched on failure), then enqueues one kernel on `stream`. Never allocates or synchronizes,
+// needs no plan: capturable in a CUDA graph as is. Thread-safe.
+GemmStatus LaunchSkinnyGemm(const SkinnyGemmArgs& args, cudaStream_t stream);
+
 }  // namespace kls::kernels
 
 #endif  // KLS_KERNELS_GEMM_GEMM_H_

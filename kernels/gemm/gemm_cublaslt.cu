@@ -22,32 +22,22 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <cstdarg>
 #include <cstdint>
-#include <cstdio>
 #include <limits>
 #include <utility>
 
 #include "kernels/gemm/gemm.h"
+#include "kernels/gemm/gemm_internal.h"
 
 namespace kls::kernels {
 namespace {
 
+using gemm_internal::ElementBytes;
+using gemm_internal::Extent;
+using gemm_internal::Failure;
+using gemm_internal::Overlaps;
+
 constexpr uint32_t kMaxAlignment = 256;
-
-[[gnu::format(printf, 3, 4)]] GemmStatus Failure(cublasStatus_t cublas, cudaError_t cuda,
-                                                 const char* format, ...) {
-  GemmStatus status;
-  status.cublas = cublas;
-  status.cuda = cuda;
-  va_list args;
-  va_start(args, format);
-  std::vsnprintf(status.message, sizeof(status.message), format, args);
-  va_end(args);
-  return status;
-}
-
-#define KLS_GEMM_INVALID(...) Failure(CUBLAS_STATUS_INVALID_VALUE, cudaSuccess, __VA_ARGS__)
 
 // Runs a cuBLASLt call inside a function returning GemmStatus.
 #define KLS_CUBLASLT_RETURN_IF_ERROR(expr)                               \
@@ -58,26 +48,6 @@ constexpr uint32_t kMaxAlignment = 256;
                      cublasLtGetStatusString(kls_cublaslt_status_));     \
     }                                                                    \
   } while (0)
-
-size_t ElementBytes(GemmOutputType type) {
-  return type == GemmOutputType::kFp32 ? sizeof(float) : sizeof(__nv_bfloat16);
-}
-
-// Number of elements from the first to one past the last element of a [batch][rows, cols]
-// matrix; false on int64 overflow. rows, cols, batch >= 1.
-bool Extent(int64_t rows, int64_t cols, int64_t ld, int64_t batch, int64_t batch_stride,
-            int64_t* extent) {
-  int64_t row_part = 0, batch_part = 0, sum = 0;
-  if (__builtin_mul_overflow(rows - 1, ld, &row_part)) return false;
-  if (__builtin_mul_overflow(batch - 1, batch_stride, &batch_part)) return false;
-  if (__builtin_add_overflow(row_part, batch_part, &sum)) return false;
-  return !__builtin_add_overflow(sum, cols, extent);
-}
-
-bool Overlaps(const void* a, int64_t a_bytes, const void* b, int64_t b_bytes) {
-  const uintptr_t a0 = reinterpret_cast<uintptr_t>(a), b0 = reinterpret_cast<uintptr_t>(b);
-  return a0 < b0 + static_cast<uintptr_t>(b_bytes) && b0 < a0 + static_cast<uintptr_t>(a_bytes);
-}
 
 // The largest power of two <= 256 dividing the address, the row stride in bytes and (batched)
 // the batch stride in bytes: the alignment every row of every batch starts at.

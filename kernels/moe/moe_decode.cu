@@ -25,6 +25,7 @@
 
 #include <cstdint>
 
+#include "kernels/gemm/gemm_stream_mma.cuh"
 #include "kernels/moe/moe.h"
 #include "kernels/moe/moe_internal.h"
 #include "kernels/moe/moe_mma.cuh"
@@ -32,11 +33,9 @@
 namespace kls::kernels::moe_internal {
 namespace {
 
-using moe_mma::LoadNoL1;
-using moe_mma::MmaBf16;
-using moe_mma::PackBf16x2;
+using gemm_stream::LoadNoL1;
+using gemm_stream::SwapAbChunk;
 using moe_mma::Silu;
-using moe_mma::Word;
 
 constexpr int kRows = kMoeDecodeTileRows;  // tokens per tile and weight rows per CTA
 constexpr int kWarps = 4;
@@ -47,41 +46,6 @@ static_assert(kRows == 16, "the fragment mapping assumes 16-row tiles");
 
 __device__ __forceinline__ uint4 LoadOrZero(const __nv_bfloat16* p, bool ok) {
   return ok ? LoadNoL1(p) : make_uint4(0, 0, 0, 0);
-}
-
-// acc += W[rows g, g+8; chunk] · X[tokens; chunk] for both k16 steps of one 32-wide chunk.
-__device__ __forceinline__ void MmaChunk(float (&acc)[4], const uint4& w_lo, const uint4& w_hi,
-                                         const uint4& x) {
-#pragma unroll
-  for (int s = 0; s < 2; ++s) {
-    const uint32_t a[4] = {Word(w_lo, 2 * s), Word(w_hi, 2 * s), Word(w_lo, 2 * s + 1),
-                           Word(w_hi, 2 * s + 1)};
-    MmaBf16(acc, a, Word(x, 2 * s), Word(x, 2 * s + 1));
-  }
-}
-
-// Sums the kWarps partial fragments into warp 0's `acc` (kFrags fragments of 4 floats per lane).
-template <int kFrags>
-__device__ __forceinline__ void ReduceOverWarps(float (&acc)[kFrags][4], float* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (warp > 0) {
-#pragma unroll
-    for (int f = 0; f < kFrags; ++f) {
-#pragma unroll
-      for (int v = 0; v < 4; ++v) red[(((warp - 1) * kFrags + f) * 4 + v) * 32 + lane] = acc[f][v];
-    }
-  }
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll
-    for (int w = 0; w < kWarps - 1; ++w) {
-#pragma unroll
-      for (int f = 0; f < kFrags; ++f) {
-#pragma unroll
-        for (int v = 0; v < 4; ++v) acc[f][v] += red[((w * kFrags + f) * 4 + v) * 32 + lane];
-      }
-    }
-  }
 }
 
 // Writes warp 0's C fragments (rows = 16 weight rows, columns = 16 tokens, fragment f covers
@@ -145,15 +109,15 @@ __global__ void __launch_bounds__(kThreads) MoeDecodeGateUpKernel(ExpertGemmArgs
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      MmaChunk(acc[0], wg_lo[u], wg_hi[u], xl[u]);
-      MmaChunk(acc[2], wu_lo[u], wu_hi[u], xl[u]);
+      SwapAbChunk(acc[0], wg_lo[u], wg_hi[u], xl[u]);
+      SwapAbChunk(acc[2], wu_lo[u], wu_hi[u], xl[u]);
       if (has_hi) {
-        MmaChunk(acc[1], wg_lo[u], wg_hi[u], xh[u]);
-        MmaChunk(acc[3], wu_lo[u], wu_hi[u], xh[u]);
+        SwapAbChunk(acc[1], wg_lo[u], wg_hi[u], xh[u]);
+        SwapAbChunk(acc[3], wu_lo[u], wu_hi[u], xh[u]);
       }
     }
   }
-  ReduceOverWarps(acc, red);
+  gemm_stream::ReduceOverWarps<kWarps>(acc, red);
   if (warp != 0) return;
 
   float act[2][4];
@@ -207,11 +171,11 @@ __global__ void __launch_bounds__(kThreads) MoeDecodeDownKernel(ExpertGemmArgs a
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      MmaChunk(acc[0], wl[u], wh[u], xl[u]);
-      if (has_hi) MmaChunk(acc[1], wl[u], wh[u], xh[u]);
+      SwapAbChunk(acc[0], wl[u], wh[u], xl[u]);
+      if (has_hi) SwapAbChunk(acc[1], wl[u], wh[u], xh[u]);
     }
   }
-  ReduceOverWarps(acc, red);
+  gemm_stream::ReduceOverWarps<kWarps>(acc, red);
   if (warp != 0) return;
 
   StageTransposed(acc, tile_out, lane);

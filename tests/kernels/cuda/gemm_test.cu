@@ -663,5 +663,288 @@ TEST_F(GemmTest, RejectsBadArguments) {
   ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
 }
 
+// ---- Skinny GEMMs (LaunchSkinnyGemm) -----------------------------------------------------------
+
+// One problem's operands for LaunchSkinnyGemm: x [m, k] and w [n, k] bf16 with padded row strides
+// when `padded` (8 extra elements, so rows stay 16-byte aligned), y [m, n] NaN-poisoned around
+// the matrix (and, for kAccumulate, starting from random values).
+struct SkinnyOperands {
+  int64_t m, n, k;
+  GemmOutputType type;
+  GemmOutputMode mode;
+  int64_t ldx, ldw, ldy;
+  Operand x, w, y;
+  std::vector<bool> in_matrix;
+
+  SkinnyOperands(int64_t m_, int64_t n_, int64_t k_, GemmOutputType type_, GemmOutputMode mode_,
+                 bool padded, uint64_t seed)
+      : m(m_), n(n_), k(k_), type(type_), mode(mode_) {
+    const int64_t pad = padded ? 8 : 0;
+    ldx = k + pad;
+    ldw = k + pad;
+    ldy = n + (padded ? 3 : 0);
+    x.host = Bf16Normal(m * ldx, seed);
+    w.host = Bf16Normal(n * ldw, seed + 1, 0.0, 1.0 / std::sqrt(double(k)));
+    y.host.assign(m * ldy, NAN);
+    in_matrix.assign(y.host.size(), false);
+    const std::vector<double> y0 = RandomNormal(y.host.size(), seed + 2);
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t o = 0; o < n; ++o) {
+        const int64_t idx = i * ldy + o;
+        in_matrix[idx] = true;
+        if (mode == GemmOutputMode::kAccumulate) {
+          y.host[idx] = type == GemmOutputType::kBf16 ? ::kls::testing::RoundToBf16(y0[idx])
+                                                      : static_cast<double>(float(y0[idx]));
+        }
+      }
+    }
+  }
+
+  ::testing::AssertionResult Upload() {
+    for (Operand* op : {&x, &w}) {
+      const ::testing::AssertionResult r = UploadOperand(*op, GemmOutputType::kBf16);
+      if (!r) return r;
+    }
+    return UploadOperand(y, type);
+  }
+
+  SkinnyGemmProblem Problem() {
+    SkinnyGemmProblem q;
+    q.x = x.bf16.get();
+    q.ldx = ldx;
+    q.w = w.bf16.get();
+    q.ldw = ldw;
+    q.y = DevicePointer(y, type);
+    q.y_type = type;
+    q.ldy = ldy;
+    q.n = n;
+    q.k = k;
+    q.mode = mode;
+    return q;
+  }
+
+  // Downloads y and compares it with the fp64 reference on the host operands.
+  ::testing::AssertionResult Check() const {
+    std::vector<double> expected = y.host;
+    GemmReference<double>(x.host.data(), ldx, 0, w.host.data(), ldw, 1, 0, expected.data(), ldy, 0,
+                          m, n, k, 1, mode == GemmOutputMode::kAccumulate);
+    return CheckOutput(DownloadOperand(y, type), expected, in_matrix, type, k);
+  }
+};
+
+struct SkinnyCase {
+  int64_t m, n, k;
+};
+
+std::string SkinnyCaseName(const ::testing::TestParamInfo<SkinnyCase>& info) {
+  return "M" + std::to_string(info.param.m) + "_N" + std::to_string(info.param.n) + "_K" +
+         std::to_string(info.param.k);
+}
+
+class SkinnyGemmTest : public CudaParamTest<SkinnyCase> {};
+
+// Every shape × bf16/fp32 × overwrite/accumulate × dense/padded strides, one problem per launch.
+TEST_P(SkinnyGemmTest, MatchesFp64Reference) {
+  const SkinnyCase c = GetParam();
+  uint64_t seed = 500;
+  for (GemmOutputType type : {GemmOutputType::kBf16, GemmOutputType::kFp32}) {
+    for (GemmOutputMode mode : {GemmOutputMode::kOverwrite, GemmOutputMode::kAccumulate}) {
+      for (bool padded : {false, true}) {
+        SCOPED_TRACE(::testing::Message()
+                     << (type == GemmOutputType::kBf16 ? "bf16 " : "fp32 ")
+                     << (mode == GemmOutputMode::kOverwrite ? "overwrite" : "accumulate")
+                     << (padded ? " padded" : " dense"));
+        SkinnyOperands ops(c.m, c.n, c.k, type, mode, padded, seed += 3);
+        ASSERT_TRUE(ops.Upload());
+        SkinnyGemmArgs args;
+        args.m = c.m;
+        args.num_problems = 1;
+        args.problems[0] = ops.Problem();
+        ASSERT_GEMM_OK(LaunchSkinnyGemm(args, stream()));
+        ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
+        EXPECT_TRUE(ops.Check());
+      }
+    }
+  }
+}
+
+// m over 1, 3, 8 (one n8 fragment), 9, 16 (two); n over 1, a partial row block, odd sizes and the
+// model's widths; k over 8 (one lane group), non-multiples of 32 and the model's widths. The row
+// block counts reach each warps-per-CTA choice (n = 9000: 4 warps, n = 5000: 8, else 16 on a
+// 132-SM H100/H200).
+std::vector<SkinnyCase> SkinnyCases() {
+  std::vector<SkinnyCase> cases;
+  for (int64_t m : {1, 3, 8, 9, 16}) {
+    for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{
+             {1, 8}, {17, 24}, {33, 1000}, {500, 2304}, {2304, 4096}, {5000, 136}, {9000, 64}}) {
+      cases.push_back({m, n, k});
+    }
+  }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, SkinnyGemmTest, ::testing::ValuesIn(SkinnyCases()),
+                         SkinnyCaseName);
+
+// Four problems of one launch, each with its own x, k, n, output type and mode (the engine groups
+// e.g. qkv + fa_ga + b_proj, which read the same rows, and f_b + g_b).
+TEST_F(GemmTest, SkinnyGroupedProblems) {
+  for (int64_t m : {1, 7, 12}) {
+    SCOPED_TRACE(::testing::Message() << "m " << m);
+    std::vector<std::unique_ptr<SkinnyOperands>> ops;
+    ops.push_back(std::make_unique<SkinnyOperands>(m, 1200, 2304, GemmOutputType::kBf16,
+                                                   GemmOutputMode::kOverwrite, false, 70));
+    ops.push_back(std::make_unique<SkinnyOperands>(m, 40, 2304, GemmOutputType::kFp32,
+                                                   GemmOutputMode::kOverwrite, true, 71));
+    ops.push_back(std::make_unique<SkinnyOperands>(m, 3, 128, GemmOutputType::kBf16,
+                                                   GemmOutputMode::kAccumulate, false, 72));
+    ops.push_back(std::make_unique<SkinnyOperands>(m, 257, 520, GemmOutputType::kFp32,
+                                                   GemmOutputMode::kAccumulate, true, 73));
+    SkinnyGemmArgs args;
+    args.m = m;
+    args.num_problems = static_cast<int>(ops.size());
+    for (size_t i = 0; i < ops.size(); ++i) {
+      ASSERT_TRUE(ops[i]->Upload());
+      args.problems[i] = ops[i]->Problem();
+    }
+    ASSERT_GEMM_OK(LaunchSkinnyGemm(args, stream()));
+    ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
+    for (size_t i = 0; i < ops.size(); ++i) EXPECT_TRUE(ops[i]->Check()) << "problem " << i;
+  }
+}
+
+// Every launch shape a benchmark may pick (warps per CTA × chunks in flight × programmatic
+// launch) computes the same product.
+TEST_F(GemmTest, SkinnyGemmEveryLaunchShape) {
+  uint64_t seed = 90;
+  for (int64_t m : {1, 12}) {
+    for (int warps : {4, 8, 16}) {
+      for (int chunks : {4, 8}) {
+        for (bool overlap : {false, true}) {
+          SCOPED_TRACE(::testing::Message() << "m " << m << ", " << warps << " warps, " << chunks
+                                            << " chunks" << (overlap ? ", overlapped" : ""));
+          SkinnyOperands ops(m, 200, 1096, GemmOutputType::kBf16, GemmOutputMode::kOverwrite, true,
+                             seed += 3);
+          ASSERT_TRUE(ops.Upload());
+          SkinnyGemmArgs args;
+          args.m = m;
+          args.num_problems = 1;
+          args.problems[0] = ops.Problem();
+          args.warps_per_cta = warps;
+          args.chunks_in_flight = chunks;
+          args.overlap_previous_kernel = overlap;
+          ASSERT_GEMM_OK(LaunchSkinnyGemm(args, stream()));
+          ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
+          EXPECT_TRUE(ops.Check());
+        }
+      }
+    }
+  }
+}
+
+// Captured once, replayed after x and y change on the device: the replay reads the new x.
+TEST_F(GemmTest, SkinnyGemmCapturedAndReplayed) {
+  SkinnyOperands ops(4, 300, 2304, GemmOutputType::kFp32, GemmOutputMode::kOverwrite, false, 80);
+  ASSERT_TRUE(ops.Upload());
+  SkinnyGemmArgs args;
+  args.m = 4;
+  args.num_problems = 1;
+  args.problems[0] = ops.Problem();
+  cudaGraph_t graph = nullptr;
+  ASSERT_CUDA_OK(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeGlobal));
+  const GemmStatus captured = LaunchSkinnyGemm(args, stream());
+  ASSERT_CUDA_OK(cudaStreamEndCapture(stream(), &graph));
+  ASSERT_TRUE(captured.ok()) << captured.message;
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  ASSERT_CUDA_OK(cudaGraphDestroy(graph));
+  for (uint64_t seed : {81, 82}) {
+    ops.x.host = Bf16Normal(ops.x.host.size(), seed);
+    ASSERT_TRUE(UploadOperand(ops.x, GemmOutputType::kBf16));
+    ASSERT_TRUE(UploadOperand(ops.y, GemmOutputType::kFp32));  // NaN again around the matrix
+    ASSERT_CUDA_OK(cudaGraphLaunch(exec, stream()));
+    ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
+    EXPECT_TRUE(ops.Check()) << "replay with seed " << seed;
+  }
+  EXPECT_CUDA_OK(cudaGraphExecDestroy(exec));
+}
+
+TEST_F(GemmTest, SkinnyGemmRejectsBadArguments) {
+  DeviceBuffer<__nv_bfloat16> dx, dw;
+  DeviceBuffer<float> dy;
+  ASSERT_CUDA_OK(dx.Allocate(16 * 64 + 8));
+  ASSERT_CUDA_OK(dw.Allocate(32 * 64 + 8));
+  ASSERT_CUDA_OK(dy.Allocate(16 * 32 + 8));
+  SkinnyGemmArgs good;
+  good.m = 4;
+  good.num_problems = 1;
+  SkinnyGemmProblem& q = good.problems[0];
+  q.x = dx.get();
+  q.ldx = 64;
+  q.w = dw.get();
+  q.ldw = 64;
+  q.y = dy.get();
+  q.y_type = GemmOutputType::kFp32;
+  q.ldy = 32;
+  q.n = 32;
+  q.k = 64;
+  struct BadCase {
+    const char* what;
+    SkinnyGemmArgs args;
+  };
+  std::vector<BadCase> cases;
+  const auto with = [&](const char* what, auto mutate) {
+    SkinnyGemmArgs a = good;
+    mutate(a);
+    cases.push_back({what, a});
+  };
+  with("m < 0", [](SkinnyGemmArgs& a) { a.m = -1; });
+  with("m > 16", [](SkinnyGemmArgs& a) { a.m = kSkinnyGemmMaxRows + 1; });
+  with("no problems", [](SkinnyGemmArgs& a) { a.num_problems = 0; });
+  with("five problems", [](SkinnyGemmArgs& a) { a.num_problems = kSkinnyGemmMaxProblems + 1; });
+  with("warps_per_cta 5", [](SkinnyGemmArgs& a) { a.warps_per_cta = 5; });
+  with("chunks_in_flight 6", [](SkinnyGemmArgs& a) { a.chunks_in_flight = 6; });
+  with("n == 0", [](SkinnyGemmArgs& a) { a.problems[0].n = 0; });
+  with("k not a multiple of 8", [](SkinnyGemmArgs& a) {
+    a.problems[0].k = 60;
+    a.problems[0].ldx = a.problems[0].ldw = 64;
+  });
+  with("ldx not a multiple of 8", [](SkinnyGemmArgs& a) { a.problems[0].ldx = 68 + 1; });
+  with("ldw < k", [](SkinnyGemmArgs& a) { a.problems[0].ldw = 56; });
+  with("ldy < n", [](SkinnyGemmArgs& a) { a.problems[0].ldy = 31; });
+  with("x not 16-byte aligned", [](SkinnyGemmArgs& a) { a.problems[0].x += 1; });
+  with("w not 16-byte aligned", [](SkinnyGemmArgs& a) { a.problems[0].w += 4; });
+  with("null w", [](SkinnyGemmArgs& a) { a.problems[0].w = nullptr; });
+  with("null y", [](SkinnyGemmArgs& a) { a.problems[0].y = nullptr; });
+  with("bad type enum",
+       [](SkinnyGemmArgs& a) { a.problems[0].y_type = static_cast<GemmOutputType>(7); });
+  with("bad mode enum",
+       [](SkinnyGemmArgs& a) { a.problems[0].mode = static_cast<GemmOutputMode>(7); });
+  with("y overlaps x", [](SkinnyGemmArgs& a) {
+    a.problems[0].y = const_cast<__nv_bfloat16*>(a.problems[0].x) + 8;
+    a.problems[0].y_type = GemmOutputType::kBf16;
+  });
+  with("y overlaps another problem's w", [&](SkinnyGemmArgs& a) {
+    a.num_problems = 2;
+    a.problems[1] = a.problems[0];
+    a.problems[1].w = reinterpret_cast<const __nv_bfloat16*>(dy.get());
+  });
+  with("two problems write one y", [](SkinnyGemmArgs& a) {
+    a.num_problems = 2;
+    a.problems[1] = a.problems[0];
+  });
+  for (const BadCase& c : cases) {
+    const GemmStatus launched = LaunchSkinnyGemm(c.args, stream());
+    EXPECT_EQ(launched.cublas, CUBLAS_STATUS_INVALID_VALUE) << c.what << ": " << launched.message;
+    EXPECT_NE(std::string(launched.message), "") << c.what;
+  }
+  // m == 0 launches nothing (pointers unused).
+  SkinnyGemmArgs empty;
+  empty.num_problems = 1;
+  ASSERT_GEMM_OK(LaunchSkinnyGemm(empty, stream()));
+  ASSERT_GEMM_OK(LaunchSkinnyGemm(good, stream()));
+  ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
+}
+
 }  // namespace
 }  // namespace kls::kernels
