@@ -33,6 +33,8 @@ struct BenchFlags {
   std::string contexts = "4096,131072,524288,1048576";
   int decode_steps = 20;
   int prefill_chunk = 8192;
+  int skinny_gemm_rows = 8;
+  bool overlap_projections = false;
   std::string out;
 };
 
@@ -69,6 +71,8 @@ int RunGpuBench(const BenchFlags& flags) {
   o.variants = absl::StrSplit(flags.variants, ',', absl::SkipEmpty());
   o.decode_steps = flags.decode_steps;
   o.prefill_chunk = flags.prefill_chunk;
+  o.skinny_gemm_max_rows = flags.skinny_gemm_rows;
+  o.overlap_projections = flags.overlap_projections;
   if (!ParseList(flags.ttft, &o.ttft_tokens) || !ParseList(flags.batches, &o.decode_batches) ||
       !ParseList(flags.contexts, &o.decode_contexts)) {
     std::fprintf(stderr,
@@ -191,6 +195,13 @@ std::function<int()> AddBenchCommand(CLI::App& app) {
       ->check(CLI::Range(1, 100000));
   cmd->add_option("--prefill-chunk", flags->prefill_chunk, "gpu: tokens per prefill step")
       ->check(CLI::Range(16, 1 << 20));
+  cmd->add_option("--skinny-gemm-rows", flags->skinny_gemm_rows,
+                  "gpu: steps of at most this many rows project through the skinny GEMM, "
+                  "larger ones through cuBLASLt (0: always cuBLASLt)")
+      ->check(CLI::Range(0, 16))
+      ->capture_default_str();
+  cmd->add_flag("--overlap-projections", flags->overlap_projections,
+                "gpu: launch the skinny GEMMs with programmatic dependent launch");
   cmd->add_option("--out", flags->out, "gpu: append the JSON lines to this file");
   cmd->add_option("--prompt-tokens", flags->prompt_tokens, "Prompt length")
       ->check(CLI::PositiveNumber);

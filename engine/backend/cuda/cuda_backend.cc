@@ -169,6 +169,20 @@ struct CudaBackend::Impl {
   absl::Status MlaLayer(const cuda::LayerDeviceWeights& L, const StepPlan& p, const MetaLayout& m);
   absl::Status Ffn(const cuda::LayerDeviceWeights& L, const StepPlan& p);
   absl::Status RunStep(const StepPlan& p, bool decode_only);
+  // One projection y = x·Wᵀ over a step's rows: x [rows, k] (row stride ldx), W an nn.Linear
+  // weight [n, k] (dense), y [rows, n] (row stride ldy) of y_type, overwritten.
+  struct Projection {
+    const bf16* x;
+    int64_t ldx;
+    const bf16* w;
+    void* y;
+    kernels::GemmOutputType y_type;
+    int64_t ldy, n, k;
+  };
+  // Runs independent projections of `rows` rows: for a decode-sized step (rows <=
+  // options.skinny_gemm_max_rows) all in one skinny-GEMM launch, a pass over the weights at
+  // memory speed; otherwise (or when a shape does not suit it) one cuBLASLt GEMM each.
+  absl::Status Project(int64_t rows, std::initializer_list<Projection> projections);
   // Grows a state's page table by `tokens` (a model without MLA layers only counts tokens).
   bool AppendTokens(cuda::PageTable& table, int64_t tokens, std::vector<cuda::PageCopy>* copies) {
     if (num_mla == 0) {
@@ -251,6 +265,12 @@ absl::Status CudaBackend::Impl::Init() {
   }
   if (options.max_step_tokens < 1 || options.max_step_seqs < 1 || options.max_sessions < 1) {
     return absl::InvalidArgumentError("cuda backend: step and session limits must be >= 1");
+  }
+  if (options.skinny_gemm_max_rows < 0 ||
+      options.skinny_gemm_max_rows > kernels::kSkinnyGemmMaxRows) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: skinny_gemm_max_rows ",
+                                                   options.skinny_gemm_max_rows, " is not in [0, ",
+                                                   kernels::kSkinnyGemmMaxRows, "]"));
   }
   table_cap = static_cast<int>(CeilDiv(c.model_max_length, options.page_size));
   KLS_RETURN_IF_ERROR(stream.Create());
@@ -744,10 +764,13 @@ absl::Status CudaBackend::Impl::KdaLayer(const cuda::LayerDeviceWeights& L, cons
                                          const MetaLayout& ml) {
   const cudaStream_t st = s();
   const int32_t* meta = meta_dev.as<int32_t>();
-  const kernels::GemmOutputMode over = kernels::GemmOutputMode::kOverwrite;
   const cuda::KdaDeviceWeights& w = L.kda;
   bf16* qkv = proj.as<bf16>();
-  KLS_GEMM(gemm->Linear(normed.as<bf16>(), d, w.qkv_proj, qkv, 3 * hk, p.t, 3 * hk, d, over, st));
+  const bf16* in = normed.as<bf16>();
+  constexpr kernels::GemmOutputType kBf16 = kernels::GemmOutputType::kBf16;
+  KLS_RETURN_IF_ERROR(Project(p.t, {{in, d, w.qkv_proj, qkv, kBf16, 3 * hk, 3 * hk, d},
+                                    {in, d, w.fa_ga, low.get(), kBf16, 2 * k, 2 * k, d},
+                                    {in, d, w.b_proj, beta.get(), kBf16, h, h, d}}));
   kernels::CausalConvParams cp;
   cp.x = qkv;
   cp.weight = w.conv;
@@ -762,11 +785,9 @@ absl::Status CudaBackend::Impl::KdaLayer(const cuda::LayerDeviceWeights& L, cons
   cp.stream_dim = hk;
   cp.width = width;
   KLS_CUDA_RETURN_IF_ERROR(kernels::LaunchCausalConv1dSilu(cp, st));
-  KLS_GEMM(
-      gemm->Linear(normed.as<bf16>(), d, w.fa_ga, low.as<bf16>(), 2 * k, p.t, 2 * k, d, over, st));
-  KLS_GEMM(gemm->Linear(low.as<bf16>(), 2 * k, w.f_b, f.as<bf16>(), hk, p.t, hk, k, over, st));
-  KLS_GEMM(gemm->Linear(low.as<bf16>() + k, 2 * k, w.g_b, g.as<bf16>(), hk, p.t, hk, k, over, st));
-  KLS_GEMM(gemm->Linear(normed.as<bf16>(), d, w.b_proj, beta.as<bf16>(), h, p.t, h, d, over, st));
+  KLS_RETURN_IF_ERROR(
+      Project(p.t, {{low.as<bf16>(), 2 * k, w.f_b, f.get(), kBf16, hk, hk, k},
+                    {low.as<bf16>() + k, 2 * k, w.g_b, g.get(), kBf16, hk, hk, k}}));
 
   kernels::KdaParams kp;
   kp.qkv_token_stride = 3 * hk;
@@ -806,9 +827,7 @@ absl::Status CudaBackend::Impl::KdaLayer(const cuda::LayerDeviceWeights& L, cons
   }
   KLS_CUDA_RETURN_IF_ERROR(kernels::LaunchGatedRmsNorm(kda_out.as<bf16>(), g.as<bf16>(), w.o_norm,
                                                        p.t, h, k, eps, kda_out.as<bf16>(), st));
-  KLS_GEMM(
-      gemm->Linear(kda_out.as<bf16>(), hk, w.o_proj, delta.as<bf16>(), d, p.t, d, hk, over, st));
-  return absl::OkStatus();
+  return Project(p.t, {{kda_out.as<bf16>(), hk, w.o_proj, delta.get(), kBf16, d, d, hk}});
 }
 
 absl::Status CudaBackend::Impl::MlaLayer(const cuda::LayerDeviceWeights& L, const StepPlan& p,
@@ -819,8 +838,10 @@ absl::Status CudaBackend::Impl::MlaLayer(const cuda::LayerDeviceWeights& L, cons
   const cuda::MlaDeviceWeights& w = L.mla;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dqk)));
   bf16* q = proj.as<bf16>();  // [T, NH, Dn + Dr]
-  KLS_GEMM(gemm->Linear(normed.as<bf16>(), d, w.q_proj, q, nh * dqk, p.t, nh * dqk, d, over, st));
-  KLS_GEMM(gemm->Linear(normed.as<bf16>(), d, w.kv_a, kv.as<bf16>(), cd, p.t, cd, d, over, st));
+  constexpr kernels::GemmOutputType kBf16 = kernels::GemmOutputType::kBf16;
+  const bf16* in = normed.as<bf16>();
+  KLS_RETURN_IF_ERROR(Project(p.t, {{in, d, w.q_proj, q, kBf16, nh * dqk, nh * dqk, d},
+                                    {in, d, w.kv_a, kv.get(), kBf16, cd, cd, d}}));
   KLS_CUDA_RETURN_IF_ERROR(cuda::LaunchLatentNormPack(kv.as<bf16>(), w.kv_a_norm, p.t, dc, dr, eps,
                                                       rows.as<bf16>(), st));
   kernels::MlaCacheAppendParams ap;
@@ -899,33 +920,39 @@ absl::Status CudaBackend::Impl::MlaLayer(const cuda::LayerDeviceWeights& L, cons
     pp.scale = scale;
     KLS_CUDA_RETURN_IF_ERROR(kernels::LaunchMlaPrefill(pp, st));
   }
-  KLS_GEMM(gemm->Linear(attn.as<bf16>(), int64_t{nh} * dv, w.o_proj, delta.as<bf16>(), d, p.t, d,
-                        int64_t{nh} * dv, over, st));
-  return absl::OkStatus();
+  const int64_t attn_width = int64_t{nh} * dv;
+  return Project(p.t,
+                 {{attn.as<bf16>(), attn_width, w.o_proj, delta.get(), kBf16, d, d, attn_width}});
 }
 
 absl::Status CudaBackend::Impl::Ffn(const cuda::LayerDeviceWeights& L, const StepPlan& p) {
   const cudaStream_t st = s();
-  const kernels::GemmOutputMode over = kernels::GemmOutputMode::kOverwrite;
-  // SwiGLU of `w` on the normed rows into `out`.
-  const auto swiglu = [&](const cuda::SwiGluDeviceWeights& w, bf16* out) -> absl::Status {
-    KLS_GEMM(gemm->Linear(normed.as<bf16>(), d, w.gate_up, proj.as<bf16>(), 2 * w.width, p.t,
-                          2 * w.width, d, over, st));
+  constexpr kernels::GemmOutputType kBf16 = kernels::GemmOutputType::kBf16;
+  const bf16* in = normed.as<bf16>();
+  // SwiGLU of `w` on the normed rows into `out`, its gate_up already in `proj`.
+  const auto silu_down = [&](const cuda::SwiGluDeviceWeights& w, bf16* out) -> absl::Status {
     KLS_CUDA_RETURN_IF_ERROR(
         cuda::LaunchSiluMul(proj.as<bf16>(), p.t, w.width, mid.as<bf16>(), st));
-    KLS_GEMM(gemm->Linear(mid.as<bf16>(), w.width, w.down, out, d, p.t, d, w.width, over, st));
-    return absl::OkStatus();
+    return Project(p.t, {{mid.as<bf16>(), w.width, w.down, out, kBf16, d, d, w.width}});
   };
-  if (L.ffn == FfnKind::kDense) return swiglu(L.mlp, delta.as<bf16>());
+  const auto gate_up = [&](const cuda::SwiGluDeviceWeights& w) -> Projection {
+    return {in, d, w.gate_up, proj.get(), kBf16, 2 * w.width, 2 * w.width, d};
+  };
+  if (L.ffn == FfnKind::kDense) {
+    KLS_RETURN_IF_ERROR(Project(p.t, {gate_up(L.mlp)}));
+    return silu_down(L.mlp, delta.as<bf16>());
+  }
 
   const cuda::MoeDeviceWeights& w = L.moe;
-  KLS_GEMM(gemm->Linear(normed.as<bf16>(), d, w.router, router_logits.as<float>(), experts, p.t,
-                        experts, d, over, st));
+  // The router and the shared expert's gate_up read the same rows: one launch when skinny.
+  KLS_RETURN_IF_ERROR(Project(p.t, {{in, d, w.router, router_logits.get(),
+                                     kernels::GemmOutputType::kFp32, experts, experts, d},
+                                    gate_up(w.shared)}));
   KLS_CUDA_RETURN_IF_ERROR(
       kernels::LaunchMoeRoute(router_logits.as<float>(), experts, w.bias, p.t, experts, top_k,
                               c.moe_renormalize, c.routed_scaling_factor, options.router_weighting,
                               expert_ids.as<int32_t>(), expert_weights.as<float>(), st));
-  KLS_RETURN_IF_ERROR(swiglu(w.shared, shared_out.as<bf16>()));
+  KLS_RETURN_IF_ERROR(silu_down(w.shared, shared_out.as<bf16>()));
   kernels::MoeExpertsParams mp;
   mp.hidden = normed.as<bf16>();
   mp.expert_ids = expert_ids.as<int32_t>();
@@ -977,8 +1004,48 @@ absl::Status CudaBackend::Impl::RunModel(const StepPlan& p) {
   KLS_CUDA_RETURN_IF_ERROR(kernels::LaunchGatherRows(normed.as<bf16>(), d, p.t, static_cast<int>(d),
                                                      meta + ml.last_rows, p.n, last.as<bf16>(), d,
                                                      error_flag.as<int32_t>(), st));
+  // cuBLASLt even for one row: on a weight this large it streams faster than the skinny GEMM
+  // (H200, m = 1: 175 vs 189 µs for 755 MB, bench/gemm_bench.py).
   KLS_GEMM(gemm->Linear(last.as<bf16>(), d, weights.lm_head(), logits_dev.as<float>(), v, p.n, v, d,
                         kernels::GemmOutputMode::kOverwrite, st));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Impl::Project(int64_t rows,
+                                        std::initializer_list<Projection> projections) {
+  const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  bool skinny = rows <= options.skinny_gemm_max_rows &&
+                static_cast<int>(projections.size()) <= kernels::kSkinnyGemmMaxProblems;
+  for (const Projection& q : projections) {
+    skinny = skinny && q.k % 8 == 0 && q.ldx % 8 == 0 && aligned16(q.x) && aligned16(q.w);
+  }
+  if (skinny) {
+    kernels::SkinnyGemmArgs args;
+    args.m = rows;
+    args.overlap_previous_kernel = options.overlap_projections;
+    for (const Projection& q : projections) {
+      kernels::SkinnyGemmProblem& problem = args.problems[args.num_problems++];
+      problem.x = q.x;
+      problem.ldx = q.ldx;
+      problem.w = q.w;
+      problem.ldw = q.k;
+      problem.y = q.y;
+      problem.y_type = q.y_type;
+      problem.ldy = q.ldy;
+      problem.n = q.n;
+      problem.k = q.k;
+    }
+    return GemmStatusOf(kernels::LaunchSkinnyGemm(args, s()), "skinny projection");
+  }
+  for (const Projection& q : projections) {
+    KLS_GEMM(
+        gemm->Run(q.y_type == kernels::GemmOutputType::kFp32
+                      ? kernels::LinearArgs(q.x, q.ldx, q.w, static_cast<float*>(q.y), q.ldy, rows,
+                                            q.n, q.k, kernels::GemmOutputMode::kOverwrite)
+                      : kernels::LinearArgs(q.x, q.ldx, q.w, static_cast<bf16*>(q.y), q.ldy, rows,
+                                            q.n, q.k, kernels::GemmOutputMode::kOverwrite),
+                  s()));
+  }
   return absl::OkStatus();
 }
 

@@ -192,6 +192,8 @@ absl::Status RunModelBench(const ModelBenchOptions& options, std::FILE* json) {
     bo.max_sessions = max_batch;
     bo.max_step_seqs = max_batch;
     bo.max_step_tokens = options.prefill_chunk;
+    bo.skinny_gemm_max_rows = options.skinny_gemm_max_rows;
+    bo.overlap_projections = options.overlap_projections;
     // Room for the decompressed context of the longest prefill, beyond the state memory.
     const int64_t per_row =
         (int64_t{c.kv_lora_rank} + c.qk_rope_head_dim +
@@ -316,10 +318,12 @@ absl::Status RunModelBench(const ModelBenchOptions& options, std::FILE* json) {
                      "{\"bench\": \"model\", \"card\": \"%s\", \"variant\": \"%s\", \"case\": "
                      "\"decode\", \"batch\": %d, \"context\": %lld, \"tpot_ms\": %.3f, "
                      "\"tokens_per_s\": %.0f, \"bytes_per_step\": %.4g, \"floor_ms\": %.3f, "
-                     "\"ratio_to_floor\": %.2f, \"experts_touched\": %d, \"graphs\": %d}\n",
+                     "\"ratio_to_floor\": %.2f, \"experts_touched\": %d, \"graphs\": %d, "
+                     "\"skinny_gemm_max_rows\": %d, \"overlap_projections\": %s}\n",
                      card.c_str(), variant.c_str(), batch, static_cast<long long>(ctx), tpot * 1e3,
                      batch / tpot, bytes, floor * 1e3, tpot / floor, touched_experts,
-                     backend->graphs_captured());
+                     backend->graphs_captured(), options.skinny_gemm_max_rows,
+                     options.overlap_projections ? "true" : "false");
         std::fprintf(stderr,
                      "  decode B=%3d ctx %8lld: TPOT %8.3f ms, %8.0f tok/s, %.2f GB/step, %.2f× "
                      "the bytes floor\n",

@@ -29,6 +29,9 @@ struct ModelBenchOptions {
   std::vector<int64_t> decode_contexts = {4096, 131072, 524288, 1048576};
   int decode_steps = 20;
   int prefill_chunk = 8192;
+  // CudaBackendOptions of the same names: the decode path's projection kernels (A/B in one run).
+  int skinny_gemm_max_rows = 8;
+  bool overlap_projections = false;
   std::string card;  // printed name of the GPU (filled in when empty)
 };
 

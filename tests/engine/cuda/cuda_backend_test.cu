@@ -376,9 +376,35 @@ TEST_F(CudaBackendTest, SplitPrefillEqualsOnePrefill) {
   ExpectStatesClose(split_state, whole_state, &y_state, &r_state);
 }
 
-// One step carrying decode tokens and prefill chunks of several sessions equals each alone.
+// The states of the yardstick pair for one sequence fed `chunks` in turn (one Forward each): the
+// CPU backend in fp32 and with bf16 activations. Between two GPU runs that round differently
+// (other chunk boundaries, other GEMM kernels) states may differ as much as bf16 rounding itself
+// makes them differ, which ExpectStatesClose's yardstick bound allows.
+struct YardstickStates {
+  SessionState fp32, bf16;
+};
+
+YardstickStates YardstickAfter(const LoadedModel& model,
+                               const std::vector<std::vector<int32_t>>& chunks) {
+  CpuBackendOptions bf16_options;
+  bf16_options.bf16_activations = true;
+  auto ref = CudaBackendTest::MakeCpu(model.weights);
+  auto yard = CudaBackendTest::MakeCpu(model.weights, bf16_options);
+  auto rs = New(*ref);
+  auto ys = New(*yard);
+  for (const std::vector<int32_t>& chunk : chunks) {
+    Feed(*ref, rs.get(), chunk);
+    Feed(*yard, ys.get(), chunk);
+  }
+  return {Export(*ref, *rs), Export(*yard, *ys)};
+}
+
+// One step carrying decode tokens and prefill chunks of several sessions equals each alone. The
+// mixed step (27 rows) runs its projections through cuBLASLt and a lone decode step (1 row)
+// through the skinny GEMM, which sum in different orders, so states get the yardstick bound (as
+// for split prefill) on the scaled-init model, whose layers do not amplify rounding tenfold.
 TEST_F(CudaBackendTest, MixedBatchEqualsSeparateSteps) {
-  const LoadedModel& model = ::kls::testing::TinyModel();
+  const LoadedModel& model = Bf16Model("tiny", 7, kScaledInit);
   auto gpu = MakeCuda(*model.weights);
   ASSERT_NE(gpu, nullptr);
   const int vocab = static_cast<int>(model.weights->config.vocab_size);
@@ -402,8 +428,54 @@ TEST_F(CudaBackendTest, MixedBatchEqualsSeparateSteps) {
         RmsBelow(std::vector<float>(logits.begin() + i * vocab, logits.begin() + (i + 1) * vocab),
                  single, kLogitsBound))
         << "sequence " << i;
-    ExpectStatesClose(Export(*gpu, *batched[i]), Export(*gpu, *alone[i]));
+    const YardstickStates yard = YardstickAfter(model, {history[i], step[i]});
+    ExpectStatesClose(Export(*gpu, *batched[i]), Export(*gpu, *alone[i]), &yard.bf16, &yard.fp32);
   }
+}
+
+// Decode steps through the skinny GEMM (the default for steps of <= 16 rows) and through
+// cuBLASLt (skinny_gemm_max_rows = 0) agree over several graph-captured steps of a lone sequence
+// and a batch of 3: logits within the issue's bound, states within the yardstick bound (the two
+// kernels sum in different orders).
+TEST_F(CudaBackendTest, SkinnyAndCublasLtProjectionsAgree) {
+  const LoadedModel& model = Bf16Model("tiny", 7, kScaledInit);
+  CudaBackendOptions cublaslt_options;
+  cublaslt_options.skinny_gemm_max_rows = 0;
+  auto skinny = MakeCuda(*model.weights);
+  auto cublaslt = MakeCuda(*model.weights, cublaslt_options);
+  ASSERT_NE(skinny, nullptr);
+  ASSERT_NE(cublaslt, nullptr);
+  const int vocab = static_cast<int>(model.weights->config.vocab_size);
+  for (int n : {1, 3}) {
+    std::vector<std::unique_ptr<BackendState>> a, b;
+    std::vector<std::vector<std::vector<int32_t>>> fed(n);  // per sequence, per Forward
+    for (int i = 0; i < n; ++i) {
+      a.push_back(New(*skinny));
+      b.push_back(New(*cublaslt));
+      fed[i].push_back(RandomTokens(30 + 11 * i, 60 + i, 256));
+      Feed(*skinny, a.back().get(), fed[i].back());
+      Feed(*cublaslt, b.back().get(), fed[i].back());
+    }
+    for (int step = 0; step < 4; ++step) {
+      std::vector<int32_t> tokens(n);
+      std::vector<SequenceInput> ia, ib;
+      for (int i = 0; i < n; ++i) {
+        tokens[i] = 5 + 17 * step + i;
+        fed[i].push_back({tokens[i]});
+        ia.push_back({std::span<const int32_t>(&tokens[i], 1), a[i].get()});
+        ib.push_back({std::span<const int32_t>(&tokens[i], 1), b[i].get()});
+      }
+      std::vector<float> la(static_cast<size_t>(n) * vocab), lb(la.size());
+      ASSERT_TRUE(skinny->Forward(ia, la).ok());
+      ASSERT_TRUE(cublaslt->Forward(ib, lb).ok());
+      EXPECT_TRUE(RmsBelow(la, lb, kLogitsBound)) << "batch " << n << ", step " << step;
+    }
+    for (int i = 0; i < n; ++i) {
+      const YardstickStates yard = YardstickAfter(model, fed[i]);
+      ExpectStatesClose(Export(*skinny, *a[i]), Export(*cublaslt, *b[i]), &yard.bf16, &yard.fp32);
+    }
+  }
+  EXPECT_EQ(skinny->graphs_captured(), 2);
 }
 
 // Decode batches of every size up to the step limit run (the MLA decode workspace is sized for
