@@ -64,9 +64,11 @@ struct StepPlan {
 };
 
 // Offsets (in int32 elements) of the step's device metadata, a function of the plan's sizes
-// only, so a captured graph keeps reading the same addresses.
+// only, so a captured graph keeps reading the same addresses. The block table [n, table_width]
+// comes last: a decode step's rows are as wide as the longest context the model allows, and
+// only their used prefix is written and uploaded.
 struct MetaLayout {
-  size_t ids, cu_all, slots, seq_starts, block_table, seq_lens_d, cu_p, cu_k, last_rows, total;
+  size_t ids, cu_all, slots, seq_starts, seq_lens_d, cu_p, cu_k, last_rows, block_table, total;
   explicit MetaLayout(const StepPlan& p) {
     size_t at = 0;
     const auto take = [&at](size_t n) {
@@ -78,11 +80,11 @@ struct MetaLayout {
     cu_all = take(p.n + 1);
     slots = take(p.n);
     seq_starts = take(p.n);
-    block_table = take(static_cast<size_t>(p.n) * p.table_width);
     seq_lens_d = take(std::max(p.nd, 1));
     cu_p = take(p.np + 1);
     cu_k = take(p.np + 1);
     last_rows = take(p.n);
+    block_table = take(static_cast<size_t>(p.n) * p.table_width);
     total = at;
   }
 };
@@ -1185,6 +1187,7 @@ absl::Status CudaBackend::Step(std::span<const SequenceInput> batch, std::span<f
     if (i >= nd) prefill_ctx += after;
   }
   const bool decode_only = p.np == 0;
+  const int table_used = p.table_width;  // the widest row's pages after this step
   if (decode_only) {
     // A fixed table width and split bound, so every decode step of a size shares one graph.
     p.table_width = m.table_cap;
@@ -1206,7 +1209,9 @@ absl::Status CudaBackend::Step(std::span<const SequenceInput> batch, std::span<f
   // ---- Metadata.
   const MetaLayout ml(p);
   int32_t* meta = m.meta_host.as<int32_t>();
-  std::memset(meta, 0, ml.total * 4);
+  // Every section but the block table; of its rows only the first table_used entries are filled
+  // (pages, then zeros) and uploaded: no kernel reads a row past its sequence's pages.
+  std::memset(meta, 0, ml.block_table * 4);
   int32_t row = 0, ctx = 0;
   meta[ml.cu_all] = 0;
   meta[ml.cu_p] = 0;
@@ -1218,8 +1223,9 @@ absl::Status CudaBackend::Step(std::span<const SequenceInput> batch, std::span<f
     meta[ml.cu_all + i + 1] = row;
     meta[ml.slots + i] = st.slot;
     meta[ml.seq_starts + i] = static_cast<int32_t>(old_tokens[i]);
-    std::copy(st.pages.pages.begin(), st.pages.pages.end(),
-              meta + ml.block_table + static_cast<size_t>(i) * p.table_width);
+    int32_t* const table_row = meta + ml.block_table + static_cast<size_t>(i) * p.table_width;
+    std::copy(st.pages.pages.begin(), st.pages.pages.end(), table_row);
+    std::fill(table_row + st.pages.pages.size(), table_row + table_used, 0);
     meta[ml.last_rows + i] = row - 1;
     if (i < nd) {
       meta[ml.seq_lens_d + i] = static_cast<int32_t>(st.pages.num_tokens);
@@ -1232,10 +1238,22 @@ absl::Status CudaBackend::Step(std::span<const SequenceInput> batch, std::span<f
   }
 
   absl::Status status = m.CopyPages(copies);
-  if (status.ok()) {
+  if (status.ok() && table_used == p.table_width) {
     status = CudaStatus(
         cudaMemcpyAsync(m.meta_dev.get(), meta, ml.total * 4, cudaMemcpyHostToDevice, m.s()),
         "uploading step metadata");
+  } else if (status.ok()) {  // a decode step: the sections, then the used part of each row
+    status = CudaStatus(
+        cudaMemcpyAsync(m.meta_dev.get(), meta, ml.block_table * 4, cudaMemcpyHostToDevice, m.s()),
+        "uploading step metadata");
+    const size_t pitch = static_cast<size_t>(p.table_width) * 4;
+    if (status.ok()) {
+      status = CudaStatus(
+          cudaMemcpy2DAsync(m.meta_dev.as<int32_t>() + ml.block_table, pitch, meta + ml.block_table,
+                            pitch, static_cast<size_t>(table_used) * 4, static_cast<size_t>(p.n),
+                            cudaMemcpyHostToDevice, m.s()),
+          "uploading block tables");
+    }
   }
   if (status.ok()) status = m.RunStep(p, decode_only);
   // Sampling: the configs and counters in device row order go up through the (pinned) logits
