@@ -48,6 +48,26 @@ __device__ __forceinline__ uint4 LoadOrZero(const __nv_bfloat16* p, bool ok) {
   return ok ? LoadNoL1(p) : make_uint4(0, 0, 0, 0);
 }
 
+// The expert of `tile`; false when the tile has no work (past the device-side tile count, or,
+// without alignment, a pair whose id is outside [0, E)).
+__device__ __forceinline__ bool TileExpert(const ExpertGemmArgs& args, int64_t tile,
+                                           int64_t* expert) {
+  if (args.expert_ids != nullptr) {
+    const int32_t e = args.expert_ids[tile];
+    *expert = e;
+    return e >= 0 && e < args.num_experts;
+  }
+  if (tile >= *args.num_tiles) return false;
+  *expert = args.tile_experts[tile];
+  return true;
+}
+
+// The pair in row r of `tile`, −1 for a padding row.
+__device__ __forceinline__ int TilePair(const ExpertGemmArgs& args, int64_t tile, int r) {
+  if (args.expert_ids != nullptr) return r == 0 ? static_cast<int>(tile) : -1;
+  return args.sorted_pairs[tile * kRows + r];
+}
+
 // Writes warp 0's C fragments (rows = 16 weight rows, columns = 16 tokens, fragment f covers
 // tokens 8f..8f+7) transposed into tile[token][row] as bf16.
 __device__ __forceinline__ void StageTransposed(const float (&c)[2][4],
@@ -68,16 +88,16 @@ __global__ void __launch_bounds__(kThreads) MoeDecodeGateUpKernel(ExpertGemmArgs
   __shared__ float red[(kWarps - 1) * 16 * 32];
   __shared__ __align__(16) __nv_bfloat16 tile_out[kRows][kRows];
   const int64_t tile = blockIdx.x;
-  if (tile >= *args.num_tiles) return;
-  const int64_t expert = args.tile_experts[tile];
+  int64_t expert = 0;
+  if (!TileExpert(args, tile, &expert)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int d_model = args.hidden_size, inter = args.intermediate_size;
   const int j0 = blockIdx.y * kRows;
   const int64_t row0 = tile * kRows;
 
-  const int pair_lo = args.sorted_pairs[row0 + g];
-  const int pair_hi = args.sorted_pairs[row0 + 8 + g];
-  const bool has_hi = args.sorted_pairs[row0 + 8] >= 0;  // rows are filled from the front
+  const int pair_lo = TilePair(args, tile, g);
+  const int pair_hi = TilePair(args, tile, 8 + g);
+  const bool has_hi = TilePair(args, tile, 8) >= 0;  // rows are filled from the front
   const __nv_bfloat16* x_lo =
       args.hidden + static_cast<int64_t>(pair_lo >= 0 ? pair_lo / args.top_k : 0) * d_model;
   const __nv_bfloat16* x_hi =
@@ -140,14 +160,14 @@ __global__ void __launch_bounds__(kThreads) MoeDecodeDownKernel(ExpertGemmArgs a
   __shared__ float red[(kWarps - 1) * 8 * 32];
   __shared__ __align__(16) __nv_bfloat16 tile_out[kRows][kRows];
   const int64_t tile = blockIdx.x;
-  if (tile >= *args.num_tiles) return;
-  const int64_t expert = args.tile_experts[tile];
+  int64_t expert = 0;
+  if (!TileExpert(args, tile, &expert)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int d_model = args.hidden_size, inter = args.intermediate_size;
   const int d0 = blockIdx.y * kRows;
   const int64_t row0 = tile * kRows;
 
-  const bool has_hi = args.sorted_pairs[row0 + 8] >= 0;
+  const bool has_hi = TilePair(args, tile, 8) >= 0;
   // act rows exist for every tile row (padding rows hold zeros).
   const __nv_bfloat16* x_lo = args.act + (row0 + g) * inter;
   const __nv_bfloat16* x_hi = args.act + (row0 + 8 + g) * inter;
@@ -181,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) MoeDecodeDownKernel(ExpertGemmArgs a
   StageTransposed(acc, tile_out, lane);
   __syncwarp();
   const int token = lane >> 1, half = lane & 1;
-  const int pair = args.sorted_pairs[row0 + token];
+  const int pair = TilePair(args, tile, token);
   if (pair >= 0 && d0 + 8 * half < d_model) {
     *reinterpret_cast<uint4*>(args.pair_out + static_cast<int64_t>(pair) * d_model + d0 +
                               8 * half) =

@@ -1,5 +1,6 @@
 // MoE routed experts (LaunchMoeExperts, moe.h): validation, workspace layout and path choice,
-// then align (moe_align.cu) → expert GEMMs (moe_prefill.cu or moe_decode.cu) → combine.
+// then align (moe_align.cu) → expert GEMMs (moe_prefill.cu or moe_decode.cu) → combine. A
+// single token on the decode path skips the alignment: each of its pairs is a tile of its own.
 //
 // Combine kernel: grid (T, ⌈D / 1024⌉) of 128-thread CTAs; each thread owns 8 consecutive
 // columns of one token (16-byte loads of bf16), issues every slot's load first, then starts from
@@ -183,13 +184,19 @@ cudaError_t LaunchMoeExperts(const MoeExpertsParams& p, void* workspace, size_t 
   }
   if (p.num_tokens == 0) return cudaSuccess;
 
-  cudaError_t err = LaunchMoeAlign(p.expert_ids, p.num_tokens, p.num_experts, p.top_k, l.tile_rows,
-                                   workspace, l.align_bytes, stream);
-  if (err != cudaSuccess) return err;
   MoeAlignment view;
-  err = MoeAlignmentLayout(workspace, l.align_bytes, p.num_tokens, p.num_experts, p.top_k,
-                           l.tile_rows, &view);
+  cudaError_t err = MoeAlignmentLayout(workspace, l.align_bytes, p.num_tokens, p.num_experts,
+                                       p.top_k, l.tile_rows, &view);
   if (err != cudaSuccess) return err;
+  // One token on the decode path (batch-1 decode): its pairs are the tiles, one each, and no
+  // alignment kernel runs.
+  const bool pairs_as_tiles =
+      l.tile_rows == kMoeDecodeTileRows && p.num_tokens == 1 && view.max_tiles >= p.top_k;
+  if (!pairs_as_tiles) {
+    err = LaunchMoeAlign(p.expert_ids, p.num_tokens, p.num_experts, p.top_k, l.tile_rows, workspace,
+                         l.align_bytes, stream);
+    if (err != cudaSuccess) return err;
+  }
 
   char* base = static_cast<char*>(workspace);
   moe_internal::ExpertGemmArgs args;
@@ -205,6 +212,11 @@ cudaError_t LaunchMoeExperts(const MoeExpertsParams& p, void* workspace, size_t 
   args.hidden_size = p.hidden_size;
   args.intermediate_size = p.intermediate_size;
   args.top_k = p.top_k;
+  if (pairs_as_tiles) {
+    args.expert_ids = p.expert_ids;
+    args.num_experts = p.num_experts;
+    args.max_tiles = p.top_k;
+  }
   err = l.tile_rows == kMoeDecodeTileRows
             ? moe_internal::LaunchDecodeExpertGemms(args, stream)
             : moe_internal::LaunchPrefillExpertGemms(args, l.tile_rows, stream);

@@ -37,6 +37,12 @@ struct ExpertGemmArgs {
   int hidden_size = 0;        // D
   int intermediate_size = 0;  // I
   int top_k = 0;
+  // Decode kernels only. Non-null: one token, whose top_k pairs have distinct experts, and no
+  // alignment: tile t holds pair t alone, its expert expert_ids[t] (a tile whose id is outside
+  // [0, num_experts) does nothing, as the alignment skips such pairs). sorted_pairs, tile_experts
+  // and num_tiles are then unused.
+  const int32_t* expert_ids = nullptr;  // [top_k]
+  int num_experts = 0;
 };
 
 // Gate-up GEMM + SwiGLU into act, then down GEMM into pair_out, with tile_rows 64 or 128.

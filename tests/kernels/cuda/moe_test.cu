@@ -673,6 +673,11 @@ std::vector<ExpertsCase> ExpertsCases() {
   cases.push_back({kTiny, 500, Routing::kOneEmpty, true});
   cases.push_back({kMid, 64, Routing::kInvalidIds, true});
   cases.push_back({kOdd, 200, Routing::kInvalidIds, false});
+  // One token on the decode path skips the alignment (each pair its own tile): invalid ids and
+  // one expert in every slot must still work.
+  cases.push_back({kMid, 1, Routing::kInvalidIds, true});
+  cases.push_back({kReal, 1, Routing::kInvalidIds, false});
+  cases.push_back({kTiny, 1, Routing::kAllToOne, false});
   return cases;
 }
 
