@@ -3,10 +3,13 @@
 //
 // CTA mapping: one warp per token, kTokensPerCta = 4 warps per CTA, grid ⌈T / 4⌉. Lane l holds
 // experts e = l + 32·j (j < kPerLane = the next power of two ≥ ⌈E / 32⌉, so E ≤ 512) in
-// registers. Each of the top_k rounds takes every lane's best remaining expert and reduces
-// (key, id, weight) over the warp with five xor-shuffles, using the reference's strict order
-// (key descending, then id ascending); the owner lane marks the winner removed in a bitmask.
-// Lane i keeps round i's winner, so slot i is written by lane i.
+// registers. Each key is also kept as an order-preserving 64-bit code (a larger key, a larger
+// code; 0 means "none"). Each of the top_k rounds takes every lane's best remaining expert and
+// finds the warp's winner in the reference's strict order (key descending, then id ascending)
+// with three single-instruction warp reductions (max of the code's high word, max of the low word
+// among the lanes that tie on it, min of the id among the lanes that tie on both) instead of a
+// shuffle tree; the winner's lane broadcasts its weight and marks it removed in a bitmask. Lane i
+// keeps round i's winner, so slot i is written by lane i.
 //
 // Numerics: the sigmoid, keys, weights, their sum (accumulated in selection order by every
 // lane), the division and the scaling are fp64 operations in the reference's order, rounded
@@ -25,9 +28,11 @@ namespace {
 
 constexpr int kTokensPerCta = 4;
 
-// a before b in the reference's strict total order.
-__device__ __forceinline__ bool Before(double key_a, int id_a, double key_b, int id_b) {
-  return key_a > key_b || (key_a == key_b && id_a < id_b);
+// An order-preserving code of a non-NaN key: a > b as doubles iff Code(a) > Code(b), and every
+// key (−inf included) codes above 0. −0 is coded as +0, which it equals.
+__device__ __forceinline__ uint64_t Code(double key) {
+  const uint64_t bits = static_cast<uint64_t>(__double_as_longlong(key == 0.0 ? 0.0 : key));
+  return (bits >> 63) != 0 ? ~bits : bits | (uint64_t{1} << 63);
 }
 
 template <int kPerLane>
@@ -41,19 +46,20 @@ __global__ void __launch_bounds__(kTokensPerCta * 32)
   if (t >= num_tokens) return;  // warp-uniform
   const float* row = logits + t * row_stride;
 
-  double key[kPerLane], weight[kPerLane];
+  uint64_t code[kPerLane];
+  double weight[kPerLane];
   unsigned removed = 0;  // bit j: expert lane + 32·j is chosen already or does not exist
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     const int e = lane + 32 * j;
-    key[j] = -INFINITY;
+    code[j] = 0;
     weight[j] = 0.0;
     if (e < num_experts) {
       // The reference's expressions; __dadd_rn keeps the compiler from contracting anything.
       const double s = __ddiv_rn(1.0, __dadd_rn(1.0, exp(-static_cast<double>(row[e]))));
       const double b = bias != nullptr ? static_cast<double>(bias[e]) : 0.0;
       const double k = __dadd_rn(s, b);
-      key[j] = isnan(k) ? -INFINITY : k;
+      code[j] = Code(isnan(k) ? -INFINITY : k);
       weight[j] = biased_weights ? k : s;
     } else {
       removed |= 1u << j;
@@ -64,33 +70,30 @@ __global__ void __launch_bounds__(kTokensPerCta * 32)
   double my_weight = 0.0;
   int my_id = -1;
   for (int i = 0; i < top_k; ++i) {
-    double best_key = -INFINITY, best_weight = 0.0;
-    int best_id = INT_MAX;  // "none": any real expert, even with key −inf, comes before it
+    // This lane's best remaining expert: the largest code, the lowest id (j) among equal codes.
+    uint64_t best = 0;
+    int best_j = 0;
+    double best_weight = 0.0;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
-      const int e = lane + 32 * j;
-      if (!((removed >> j) & 1u) && Before(key[j], e, best_key, best_id)) {
-        best_key = key[j];
-        best_id = e;
+      if (!((removed >> j) & 1u) && code[j] > best) {
+        best = code[j];
+        best_j = j;
         best_weight = weight[j];
       }
     }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      const double other_key = __shfl_xor_sync(0xffffffffu, best_key, offset);
-      const int other_id = __shfl_xor_sync(0xffffffffu, best_id, offset);
-      const double other_weight = __shfl_xor_sync(0xffffffffu, best_weight, offset);
-      if (Before(other_key, other_id, best_key, best_id)) {
-        best_key = other_key;
-        best_id = other_id;
-        best_weight = other_weight;
-      }
-    }
-    // Every lane now holds the same winner (top_k <= E, so it is a real expert).
-    if ((best_id & 31) == lane) removed |= 1u << (best_id >> 5);
+    // The warp's winner (top_k <= E, so some lane still has a real expert: best > 0).
+    const unsigned hi = static_cast<unsigned>(best >> 32), lo = static_cast<unsigned>(best);
+    const unsigned max_hi = __reduce_max_sync(0xffffffffu, hi);
+    const unsigned max_lo = __reduce_max_sync(0xffffffffu, hi == max_hi ? lo : 0u);
+    const bool tied = best != 0 && hi == max_hi && lo == max_lo;
+    const unsigned best_id =
+        __reduce_min_sync(0xffffffffu, tied ? static_cast<unsigned>(lane + 32 * best_j) : ~0u);
+    best_weight = __shfl_sync(0xffffffffu, best_weight, static_cast<int>(best_id & 31));
+    if (static_cast<int>(best_id & 31) == lane) removed |= 1u << (best_id >> 5);
     sum = __dadd_rn(sum, best_weight);
     if (lane == i) {
-      my_id = best_id;
+      my_id = static_cast<int>(best_id);
       my_weight = best_weight;
     }
   }
