@@ -1,7 +1,8 @@
 // Warp-level helpers of the MLA kernels (mla_prefill.cu, mla_decode.cu) on top of the shared
 // ones in kernels/kda/kda_chunk_mma.cuh (cp.async, ldmatrix.x4, operand addressing; fragment
-// layouts documented there): the bf16 tensor-core MMA m16n8k16 with fp32 accumulation, the
-// two-matrix ldmatrix variants, and cp.async group waits with a compile-time depth.
+// layouts documented there) and kernels/gemm/gemm_stream_mma.cuh (the bf16 tensor-core MMA
+// m16n8k16 with fp32 accumulation): the two-matrix ldmatrix variants, and cp.async group waits
+// with a compile-time depth.
 #ifndef KLS_KERNELS_MLA_MLA_MMA_CUH_
 #define KLS_KERNELS_MLA_MLA_MMA_CUH_
 
@@ -10,10 +11,12 @@
 
 #include <cstdint>
 
+#include "kernels/gemm/gemm_stream_mma.cuh"
 #include "kernels/kda/kda_chunk_mma.cuh"
 
 namespace kls::kernels::mla {
 
+using gemm_stream::MmaBf16;
 using kda_chunk::ARowMajorAddr;
 using kda_chunk::BKMajorAddr;
 using kda_chunk::BNMajorAddr;
@@ -23,16 +26,6 @@ using kda_chunk::Ldsm4;
 using kda_chunk::Ldsm4T;
 using kda_chunk::PackBf16x2;
 using kda_chunk::SmemAddr;
-
-// d += a · b with bf16 inputs and fp32 accumulators (a: 16×16 row-major fragment, b: 16×8).
-__device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                        uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // ldmatrix.x2 (two 8×8 b16 matrices; lanes 0..15 give the row addresses, the others are
 // ignored but must be valid shared addresses).
