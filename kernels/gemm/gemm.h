@@ -223,7 +223,7 @@ struct SkinnyGemmProblem {
   GemmOutputType y_type = GemmOutputType::kBf16;
   int64_t ldy = 0;
   int64_t n = 0;  // >= 1
-  int64_t k = 0;  // >= 1, a multiple of 8 (16-byte loads)
+  int64_t k = 0;  // >= 1, a multiple of 8 (16-byte loads), <= 2^30
   GemmOutputMode mode = GemmOutputMode::kOverwrite;
 };
 

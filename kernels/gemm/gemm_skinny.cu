@@ -183,8 +183,11 @@ GemmStatus ValidateProblem(const SkinnyGemmProblem& q, int i, int64_t m, int64_t
                            int64_t* w_bytes, int64_t* y_bytes) {
   constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max();
   if (q.n < 1 || q.n > kMaxDim) return KLS_GEMM_INVALID("problems[%d].n=%lld", i, (long long)q.n);
-  if (q.k < 1 || q.k > kMaxDim || q.k % 8 != 0) {
-    return KLS_GEMM_INVALID("problems[%d].k=%lld (a positive multiple of 8)", i, (long long)q.k);
+  // k <= 2^30 keeps the kernel's int32 chunk and element indices (which run up to k + 4096)
+  // from overflowing.
+  if (q.k < 1 || q.k > (int64_t{1} << 30) || q.k % 8 != 0) {
+    return KLS_GEMM_INVALID("problems[%d].k=%lld (a positive multiple of 8, at most 2^30)", i,
+                            (long long)q.k);
   }
   if (q.y_type != GemmOutputType::kBf16 && q.y_type != GemmOutputType::kFp32) {
     return KLS_GEMM_INVALID("problems[%d].y_type=%d", i, static_cast<int>(q.y_type));

@@ -37,10 +37,10 @@ struct ExpertGemmArgs {
   int hidden_size = 0;        // D
   int intermediate_size = 0;  // I
   int top_k = 0;
-  // Decode kernels only. Non-null: one token, whose top_k pairs have distinct experts, and no
-  // alignment: tile t holds pair t alone, its expert expert_ids[t] (a tile whose id is outside
-  // [0, num_experts) does nothing, as the alignment skips such pairs). sorted_pairs, tile_experts
-  // and num_tiles are then unused.
+  // Decode kernels only. Non-null: one token and no alignment (its experts may repeat; each pair
+  // is computed on its own): tile t holds pair t alone, its expert expert_ids[t] (a tile whose id
+  // is outside [0, num_experts) does nothing, as the alignment skips such pairs). sorted_pairs,
+  // tile_experts and num_tiles are then unused.
   const int32_t* expert_ids = nullptr;  // [top_k]
   int num_experts = 0;
 };

@@ -1007,7 +1007,7 @@ absl::Status CudaBackend::Impl::RunModel(const StepPlan& p) {
                                                      meta + ml.last_rows, p.n, last.as<bf16>(), d,
                                                      error_flag.as<int32_t>(), st));
   // cuBLASLt even for one row: on a weight this large it streams faster than the skinny GEMM
-  // (H200, m = 1: 175 vs 189 µs for 755 MB, bench/gemm_bench.py).
+  // (H200, m = 1: 175 vs 193 µs for 755 MB, bench/gemm_bench.py).
   KLS_GEMM(gemm->Linear(last.as<bf16>(), d, weights.lm_head(), logits_dev.as<float>(), v, p.n, v, d,
                         kernels::GemmOutputMode::kOverwrite, st));
   return absl::OkStatus();

@@ -40,9 +40,9 @@ struct CudaBackendOptions {
   int max_step_seqs = 256;     // sequences one Forward may carry
   bool cuda_graphs = true;     // capture decode-only steps
   // Steps of at most this many token rows run their projections through kernels/gemm's skinny
-  // GEMM, which fuses the projections that read the same rows into one launch, instead of one
-  // cuBLASLt GEMM each; 0 never does. At most kernels::kSkinnyGemmMaxRows. 8: on an H200 with the
-  // 48B shapes it cut TPOT by 10% at batch 1 and 7% at batch 8, and cost 1.5% at batch 16.
+  // GEMM, which fuses the projections that read the same input buffer into one launch, instead of
+  // one cuBLASLt GEMM each; 0 never does. At most kernels::kSkinnyGemmMaxRows. 8: on an H200 with
+  // the 48B shapes it cut TPOT by 10% at batch 1 and 7% at batch 8, and cost 1.5% at batch 16.
   int skinny_gemm_max_rows = 8;
   // Launch those skinny GEMMs with programmatic dependent launch: each may start during the
   // previous kernel and prefetch its weights (kernels::SkinnyGemmArgs::overlap_previous_kernel).

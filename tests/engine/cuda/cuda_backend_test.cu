@@ -433,7 +433,7 @@ TEST_F(CudaBackendTest, MixedBatchEqualsSeparateSteps) {
   }
 }
 
-// Decode steps through the skinny GEMM (the default for steps of <= 16 rows) and through
+// Decode steps through the skinny GEMM (the default for steps of <= 8 rows) and through
 // cuBLASLt (skinny_gemm_max_rows = 0) agree over several graph-captured steps of a lone sequence
 // and a batch of 3: logits within the issue's bound, states within the yardstick bound (the two
 // kernels sum in different orders).

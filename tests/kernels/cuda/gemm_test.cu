@@ -842,6 +842,45 @@ TEST_F(GemmTest, SkinnyGemmEveryLaunchShape) {
   }
 }
 
+// Copies n bf16 values after spinning ~20 µs. It lets a kernel launched after it with
+// programmatic dependent launch start at once (launch_dependents), so that kernel is running
+// while the copy is still pending and only its griddepcontrol.wait orders it after the copy.
+__global__ void SlowCopyKernel(const __nv_bfloat16* src, __nv_bfloat16* dst, int64_t n) {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  const long long start = clock64();
+  while (clock64() - start < 40000) {
+  }
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    dst[i] = src[i];
+  }
+}
+
+// With overlap_previous_kernel the GEMM may start during the kernel before it, which here writes
+// its x: the GEMM must still read the x that kernel wrote (x holds NaN until then).
+TEST_F(GemmTest, SkinnyGemmOverlappedLaunchReadsThePreviousKernelsOutput) {
+  for (int64_t m : {1, 12}) {
+    SCOPED_TRACE(::testing::Message() << "m " << m);
+    SkinnyOperands ops(m, 2304, 4096, GemmOutputType::kFp32, GemmOutputMode::kOverwrite, false,
+                       130 + m);
+    ASSERT_TRUE(ops.Upload());
+    DeviceBuffer<__nv_bfloat16> src;
+    ASSERT_CUDA_OK(Upload(ToBf16(ops.x.host), src));
+    ASSERT_CUDA_OK(Upload(ToBf16(std::vector<double>(ops.x.host.size(), NAN)), ops.x.bf16));
+    SlowCopyKernel<<<8, 256, 0, stream()>>>(src.get(), ops.x.bf16.get(),
+                                            static_cast<int64_t>(ops.x.host.size()));
+    ASSERT_CUDA_OK(cudaGetLastError());
+    SkinnyGemmArgs args;
+    args.m = m;
+    args.num_problems = 1;
+    args.problems[0] = ops.Problem();
+    args.overlap_previous_kernel = true;
+    ASSERT_GEMM_OK(LaunchSkinnyGemm(args, stream()));
+    ASSERT_CUDA_OK(cudaStreamSynchronize(stream()));
+    EXPECT_TRUE(ops.Check());
+  }
+}
+
 // Captured once, replayed after x and y change on the device: the replay reads the new x.
 TEST_F(GemmTest, SkinnyGemmCapturedAndReplayed) {
   SkinnyOperands ops(4, 300, 2304, GemmOutputType::kFp32, GemmOutputMode::kOverwrite, false, 80);
@@ -871,10 +910,11 @@ TEST_F(GemmTest, SkinnyGemmCapturedAndReplayed) {
 
 TEST_F(GemmTest, SkinnyGemmRejectsBadArguments) {
   DeviceBuffer<__nv_bfloat16> dx, dw;
-  DeviceBuffer<float> dy;
+  DeviceBuffer<float> dy, dy_other;
   ASSERT_CUDA_OK(dx.Allocate(16 * 64 + 8));
   ASSERT_CUDA_OK(dw.Allocate(32 * 64 + 8));
   ASSERT_CUDA_OK(dy.Allocate(16 * 32 + 8));
+  ASSERT_CUDA_OK(dy_other.Allocate(16 * 32 + 8));
   SkinnyGemmArgs good;
   good.m = 4;
   good.num_problems = 1;
@@ -927,6 +967,7 @@ TEST_F(GemmTest, SkinnyGemmRejectsBadArguments) {
   with("y overlaps another problem's w", [&](SkinnyGemmArgs& a) {
     a.num_problems = 2;
     a.problems[1] = a.problems[0];
+    a.problems[1].y = dy_other.get();  // its own y: only problem 0's y vs its w overlap
     a.problems[1].w = reinterpret_cast<const __nv_bfloat16*>(dy.get());
   });
   with("two problems write one y", [](SkinnyGemmArgs& a) {
