@@ -200,12 +200,14 @@ absl::StatusOr<std::unique_ptr<services::MetricsExporter>> StartWorkerMetrics(
 // Sessions service on `server` through an in-process channel.
 absl::StatusOr<std::unique_ptr<router::HttpApi>> StartHttpApi(
     const std::string& listen, const std::string& model_name, int max_inflight,
-    grpc::Server* server, router::Router* router, absl::Duration stop_grace, const char* role) {
+    double turn_timeout_s, grpc::Server* server, router::Router* router, absl::Duration stop_grace,
+    const char* role) {
   if (listen.empty()) return nullptr;
   router::HttpApiOptions options;
   options.listen = listen;
   options.model_name = model_name;
   options.max_inflight = max_inflight;
+  options.rpc_timeout = absl::Seconds(turn_timeout_s);
   options.stop_grace = stop_grace;
   options.ready = [router] { return router->WaitForReady(absl::ZeroDuration()).ok(); };
   grpc::ChannelArguments args;
@@ -247,6 +249,8 @@ std::function<int()> AddServeCommand(CLI::App& app) {
   auto http_listen = std::make_shared<std::string>("127.0.0.1:8080");
   auto model_name = std::make_shared<std::string>();
   auto http_max_inflight = std::make_shared<int>(router::HttpApiOptions().max_inflight);
+  auto http_turn_timeout =
+      std::make_shared<double>(absl::ToDoubleSeconds(router::HttpApiOptions().rpc_timeout));
   AddWorkerFlags(cmd, flags.get(), /*with_store=*/false);
   cmd->add_option("--listen", *listen, "gRPC address of kls.v1.Sessions")->capture_default_str();
   cmd->add_option("--api-keys", *api_keys, "File of \"<key> <tenant>\" lines; none: open");
@@ -259,7 +263,13 @@ std::function<int()> AddServeCommand(CLI::App& app) {
                   "HTTP API requests running turns at once; more get 429")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  return [flags, listen, api_keys, http_listen, model_name, http_max_inflight]() -> int {
+  cmd->add_option("--http-turn-timeout", *http_turn_timeout,
+                  "Seconds a non-streamed HTTP API turn may take (prefill and generation); "
+                  "longer ones get 504")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  return [flags, listen, api_keys, http_listen, model_name, http_max_inflight,
+          http_turn_timeout]() -> int {
     BlockTerminationSignals();
     absl::StatusOr<std::unique_ptr<worker::Worker>> worker = MakeWorker(*flags);
     if (!worker.ok()) {
@@ -297,7 +307,8 @@ std::function<int()> AddServeCommand(CLI::App& app) {
             : std::filesystem::path(flags->model).lexically_normal().filename().string();
     absl::StatusOr<std::unique_ptr<router::HttpApi>> http =
         StartHttpApi(*http_listen, served_name.empty() ? "kls" : served_name, *http_max_inflight,
-                     server.get(), router->get(), absl::Seconds(flags->drain_timeout_s), "serve");
+                     *http_turn_timeout, server.get(), router->get(),
+                     absl::Seconds(flags->drain_timeout_s), "serve");
     if (!http.ok()) return Fail(http.status(), 1);
     std::fprintf(stderr, "kls serve: listening on %s (model %s, data %s)\n", listen->c_str(),
                  flags->model.c_str(), flags->data_dir.c_str());
@@ -357,11 +368,19 @@ std::function<int()> AddRouterCommand(CLI::App& app) {
   cmd->add_option("--served-model-name", *model_name, "Model name of the HTTP API")
       ->capture_default_str();
   auto http_max_inflight = std::make_shared<int>(router::HttpApiOptions().max_inflight);
+  auto http_turn_timeout =
+      std::make_shared<double>(absl::ToDoubleSeconds(router::HttpApiOptions().rpc_timeout));
   cmd->add_option("--http-max-inflight", *http_max_inflight,
                   "HTTP API requests running turns at once; more get 429")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  return [listen, workers, api_keys, http_listen, model_name, http_max_inflight]() -> int {
+  cmd->add_option("--http-turn-timeout", *http_turn_timeout,
+                  "Seconds a non-streamed HTTP API turn may take (prefill and generation); "
+                  "longer ones get 504")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  return [listen, workers, api_keys, http_listen, model_name, http_max_inflight,
+          http_turn_timeout]() -> int {
     BlockTerminationSignals();
     router::RouterOptions options;
     options.workers = SplitList(*workers);
@@ -374,8 +393,8 @@ std::function<int()> AddRouterCommand(CLI::App& app) {
     std::unique_ptr<grpc::Server> server = BuildServer(*listen, {(*router)->service()}, &port);
     if (server == nullptr) return 1;
     absl::StatusOr<std::unique_ptr<router::HttpApi>> http =
-        StartHttpApi(*http_listen, *model_name, *http_max_inflight, server.get(), router->get(),
-                     absl::Seconds(10), "router");
+        StartHttpApi(*http_listen, *model_name, *http_max_inflight, *http_turn_timeout,
+                     server.get(), router->get(), absl::Seconds(10), "router");
     if (!http.ok()) return Fail(http.status(), 1);
     std::fprintf(stderr, "kls router: listening on %s\n", listen->c_str());
     WaitForSignal();

@@ -45,7 +45,9 @@ struct HttpApiOptions {
   size_t max_body_bytes = size_t{16} << 20;  // larger requests get 413
   int max_inflight = 256;  // turns (chat completions, responses) running at once; more get 429
   int threads = 32;        // connections served besides the running turns
-  absl::Duration rpc_timeout = absl::Seconds(30);      // deadline of the unary Sessions calls
+  // Deadline of the unary Sessions calls, i.e. of a whole non-streamed turn (prefill and every
+  // generated token): past it the request gets 504. The openai SDK's own default is 600 s.
+  absl::Duration rpc_timeout = absl::Seconds(600);
   absl::Duration heartbeat = absl::Milliseconds(500);  // see the file comment
   absl::Duration stop_grace = absl::Seconds(10);       // Stop: in-flight turns then get cancelled
   std::function<bool()> ready;  // /readyz (e.g. "a worker is ready"); null: always ready
