@@ -196,18 +196,39 @@ absl::StatusOr<std::unique_ptr<services::MetricsExporter>> StartWorkerMetrics(
   return exporter;
 }
 
-// The OpenAI-compatible HTTP API on `listen` (empty: off, null), talking to the router's own
-// Sessions service on `server` through an in-process channel.
+// The HTTP API's flags, the same for `kls serve` and `kls router` but for the listen default.
+struct HttpFlags {
+  std::string listen;
+  std::string model_name;
+  int max_inflight = router::HttpApiOptions().max_inflight;
+  double turn_timeout_s = absl::ToDoubleSeconds(router::HttpApiOptions().rpc_timeout);
+};
+
+void AddHttpFlags(CLI::App* cmd, HttpFlags* f, const char* listen_help, const char* name_help) {
+  cmd->add_option("--http-listen", f->listen, listen_help)->capture_default_str();
+  cmd->add_option("--served-model-name", f->model_name, name_help);
+  cmd->add_option("--http-max-inflight", f->max_inflight,
+                  "HTTP API requests running turns at once; more get 429")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--http-turn-timeout", f->turn_timeout_s,
+                  "Seconds a non-streamed HTTP API turn may take (prefill and generation); "
+                  "longer ones get 504")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+}
+
+// The OpenAI-compatible HTTP API on flags.listen (empty: off, null) serving `model_name`, talking
+// to the router's own Sessions service on `server` through an in-process channel.
 absl::StatusOr<std::unique_ptr<router::HttpApi>> StartHttpApi(
-    const std::string& listen, const std::string& model_name, int max_inflight,
-    double turn_timeout_s, grpc::Server* server, router::Router* router, absl::Duration stop_grace,
-    const char* role) {
-  if (listen.empty()) return nullptr;
+    const HttpFlags& flags, const std::string& model_name, grpc::Server* server,
+    router::Router* router, absl::Duration stop_grace, const char* role) {
+  if (flags.listen.empty()) return nullptr;
   router::HttpApiOptions options;
-  options.listen = listen;
+  options.listen = flags.listen;
   options.model_name = model_name;
-  options.max_inflight = max_inflight;
-  options.rpc_timeout = absl::Seconds(turn_timeout_s);
+  options.max_inflight = flags.max_inflight;
+  options.rpc_timeout = absl::Seconds(flags.turn_timeout_s);
   options.stop_grace = stop_grace;
   options.ready = [router] { return router->WaitForReady(absl::ZeroDuration()).ok(); };
   grpc::ChannelArguments args;
@@ -216,7 +237,7 @@ absl::StatusOr<std::unique_ptr<router::HttpApi>> StartHttpApi(
                        router::HttpApi::Start(options, server->InProcessChannel(args),
                                               router->sessions().api_keys()));
   std::fprintf(stderr, "kls %s: OpenAI-compatible HTTP API on %s, port %d (model \"%s\")\n", role,
-               listen.c_str(), http->port(), model_name.c_str());
+               flags.listen.c_str(), http->port(), model_name.c_str());
   return http;
 }
 
@@ -246,30 +267,14 @@ std::function<int()> AddServeCommand(CLI::App& app) {
   auto flags = std::make_shared<WorkerFlags>();
   auto listen = std::make_shared<std::string>("127.0.0.1:50051");
   auto api_keys = std::make_shared<std::string>();
-  auto http_listen = std::make_shared<std::string>("127.0.0.1:8080");
-  auto model_name = std::make_shared<std::string>();
-  auto http_max_inflight = std::make_shared<int>(router::HttpApiOptions().max_inflight);
-  auto http_turn_timeout =
-      std::make_shared<double>(absl::ToDoubleSeconds(router::HttpApiOptions().rpc_timeout));
+  auto http_flags = std::make_shared<HttpFlags>();
+  http_flags->listen = "127.0.0.1:8080";
   AddWorkerFlags(cmd, flags.get(), /*with_store=*/false);
   cmd->add_option("--listen", *listen, "gRPC address of kls.v1.Sessions")->capture_default_str();
   cmd->add_option("--api-keys", *api_keys, "File of \"<key> <tenant>\" lines; none: open");
-  cmd->add_option("--http-listen", *http_listen,
-                  "OpenAI-compatible HTTP API on HOST:PORT; empty: off")
-      ->capture_default_str();
-  cmd->add_option("--served-model-name", *model_name,
-                  "Model name of the HTTP API (default: the --model directory's name)");
-  cmd->add_option("--http-max-inflight", *http_max_inflight,
-                  "HTTP API requests running turns at once; more get 429")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  cmd->add_option("--http-turn-timeout", *http_turn_timeout,
-                  "Seconds a non-streamed HTTP API turn may take (prefill and generation); "
-                  "longer ones get 504")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  return [flags, listen, api_keys, http_listen, model_name, http_max_inflight,
-          http_turn_timeout]() -> int {
+  AddHttpFlags(cmd, http_flags.get(), "OpenAI-compatible HTTP API on HOST:PORT; empty: off",
+               "Model name of the HTTP API (default: the --model directory's name)");
+  return [flags, listen, api_keys, http_flags]() -> int {
     BlockTerminationSignals();
     absl::StatusOr<std::unique_ptr<worker::Worker>> worker = MakeWorker(*flags);
     if (!worker.ok()) {
@@ -302,13 +307,12 @@ std::function<int()> AddServeCommand(CLI::App& app) {
       return 1;
     }
     const std::string served_name =
-        !model_name->empty()
-            ? *model_name
+        !http_flags->model_name.empty()
+            ? http_flags->model_name
             : std::filesystem::path(flags->model).lexically_normal().filename().string();
     absl::StatusOr<std::unique_ptr<router::HttpApi>> http =
-        StartHttpApi(*http_listen, served_name.empty() ? "kls" : served_name, *http_max_inflight,
-                     *http_turn_timeout, server.get(), router->get(),
-                     absl::Seconds(flags->drain_timeout_s), "serve");
+        StartHttpApi(*http_flags, served_name.empty() ? "kls" : served_name, server.get(),
+                     router->get(), absl::Seconds(flags->drain_timeout_s), "serve");
     if (!http.ok()) return Fail(http.status(), 1);
     std::fprintf(stderr, "kls serve: listening on %s (model %s, data %s)\n", listen->c_str(),
                  flags->model.c_str(), flags->data_dir.c_str());
@@ -361,26 +365,12 @@ std::function<int()> AddRouterCommand(CLI::App& app) {
   cmd->add_option("--workers", *workers, "Workers: HOST:PORT,... or dns:///NAME:PORT (re-resolved)")
       ->required();
   cmd->add_option("--api-keys", *api_keys, "File of \"<key> <tenant>\" lines; none: open");
-  auto http_listen = std::make_shared<std::string>();
-  auto model_name = std::make_shared<std::string>("kls");
-  cmd->add_option("--http-listen", *http_listen,
-                  "OpenAI-compatible HTTP API on HOST:PORT; empty (default): off");
-  cmd->add_option("--served-model-name", *model_name, "Model name of the HTTP API")
-      ->capture_default_str();
-  auto http_max_inflight = std::make_shared<int>(router::HttpApiOptions().max_inflight);
-  auto http_turn_timeout =
-      std::make_shared<double>(absl::ToDoubleSeconds(router::HttpApiOptions().rpc_timeout));
-  cmd->add_option("--http-max-inflight", *http_max_inflight,
-                  "HTTP API requests running turns at once; more get 429")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  cmd->add_option("--http-turn-timeout", *http_turn_timeout,
-                  "Seconds a non-streamed HTTP API turn may take (prefill and generation); "
-                  "longer ones get 504")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  return [listen, workers, api_keys, http_listen, model_name, http_max_inflight,
-          http_turn_timeout]() -> int {
+  auto http_flags = std::make_shared<HttpFlags>();
+  http_flags->model_name = "kls";
+  AddHttpFlags(cmd, http_flags.get(),
+               "OpenAI-compatible HTTP API on HOST:PORT; empty (default): off",
+               "Model name of the HTTP API (default: kls)");
+  return [listen, workers, api_keys, http_flags]() -> int {
     BlockTerminationSignals();
     router::RouterOptions options;
     options.workers = SplitList(*workers);
@@ -393,8 +383,8 @@ std::function<int()> AddRouterCommand(CLI::App& app) {
     std::unique_ptr<grpc::Server> server = BuildServer(*listen, {(*router)->service()}, &port);
     if (server == nullptr) return 1;
     absl::StatusOr<std::unique_ptr<router::HttpApi>> http =
-        StartHttpApi(*http_listen, *model_name, *http_max_inflight, *http_turn_timeout,
-                     server.get(), router->get(), absl::Seconds(10), "router");
+        StartHttpApi(*http_flags, http_flags->model_name, server.get(), router->get(),
+                     absl::Seconds(10), "router");
     if (!http.ok()) return Fail(http.status(), 1);
     std::fprintf(stderr, "kls router: listening on %s\n", listen->c_str());
     WaitForSignal();
