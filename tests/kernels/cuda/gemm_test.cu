@@ -949,6 +949,10 @@ TEST_F(GemmTest, SkinnyGemmRejectsBadArguments) {
     a.problems[0].k = 60;
     a.problems[0].ldx = a.problems[0].ldw = 64;
   });
+  with("k above 2^30", [](SkinnyGemmArgs& a) {
+    a.problems[0].k = (int64_t{1} << 30) + 8;
+    a.problems[0].ldx = a.problems[0].ldw = a.problems[0].k;
+  });
   with("ldx not a multiple of 8", [](SkinnyGemmArgs& a) { a.problems[0].ldx = 68 + 1; });
   with("ldw < k", [](SkinnyGemmArgs& a) { a.problems[0].ldw = 56; });
   with("ldy < n", [](SkinnyGemmArgs& a) { a.problems[0].ldy = 31; });
