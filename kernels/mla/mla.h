@@ -98,6 +98,7 @@ size_t MlaDecodeWorkspaceBytes(const MlaDecodeParams& params);
 // (16-byte aligned) must hold MlaDecodeWorkspaceBytes(params) bytes. Returns
 // cudaErrorInvalidValue for unsupported dims or page sizes, N < 1 or > 65535, H < 1,
 // max_seq_len < 0, max_pages_per_seq < 1, max_pages_per_seq·page_size ≥ 2³¹, num_pages < 1,
+// num_pages·page_size ≥ 2³¹ (the pool is one TMA tensor of int32-indexed rows),
 // num_splits < 0 or > 1024, a non-finite scale, null pointers, misaligned pointers (cache_pages
 // and out_latent 16 bytes, q_latent and q_pe 4 bytes) or a short workspace. Device data is
 // clamped, never trusted for addressing: seq_lens to [0, max_pages_per_seq·page_size]; rows in a

@@ -2,45 +2,50 @@
 // (contract: mla.h; math: README.md "Absorbed form" and "CUDA kernels"). Also the cache-append
 // kernel.
 //
-// Split kernel. One CTA of 256 threads (8 warps) per (context split, group of ≤ 32 heads,
-// sequence), grid (splits, head groups, N) with the split fastest so the CTAs of one sequence
-// run together and share its query rows in L2. All heads of a group use each cache row, so a
-// row is read from HBM once per group (MQA form; Kimi-Linear-48B has one group of 32 heads).
-// Split s of a sequence of length L covers tokens [s·c, min((s+1)·c, L)) with
-// c = roundup(ceil(L / splits), 32), computed on the device from seq_lens, so the split count is
-// a host-side constant (CUDA graphs) and any trailing splits may be empty.
-// The CTA walks its range in tiles of 32 tokens through a 4-stage cp.async ring (three tiles in
-// flight while one is used; each token's row is looked up in the block table, so any page size
-// works). Per tile:
-//   1. S = Q·Kᵀ on the tensor cores (bf16 m16n8k16, fp32 accumulation): the MMA rows are the
-//      heads (16 or 32), the columns the 32 tokens, the depth the Dc + Dr = 576 key channels,
-//      split in 4 quarters over the warps; each warp keeps its quarter of Q as A fragments in
-//      registers for the whole CTA (36 registers at 576) and reads only cache rows from shared
-//      memory. The four partial S tiles are summed through shared memory.
-//   2. Online softmax in fp32, exp2 domain: a group of 8 (16) threads owns a head row of the
-//      tile; row max and sum by shuffles; P rounded to bf16 into shared memory, and the rescale
-//      factor of each row.
-//   3. O += P·V on the tensor cores: V is the tile's first Dc channels (the latent, read in place
-//      with ldmatrix.trans); each warp owns Dc/8 output columns for all heads (64 fp32
-//      registers at Dc = 512).
-// Three __syncthreads per tile. Shared memory at Dc = 512, 32 heads: 4 × 37.4 KB ring (rows
-// padded to 584 elements so ldmatrix is conflict-free) + 18 KB partial scores + 2.5 KB P
-// = 167 KB, one CTA per SM. With one split the CTA writes out_latent (bf16) itself; otherwise it
-// writes its normalized fp32 output and log2-sum-exp (−inf for an empty split) to the workspace
-// and a combine kernel merges the splits.
+// Split kernel (sm_90a: TMA loads, warpgroup MMAs). One CTA of 128 threads (one warpgroup) per
+// (context split, group of ≤ 32 heads, sequence), grid (splits, head groups, N) with the split
+// fastest so the CTAs of one sequence run together and share its query rows in L2. All heads of
+// a group use each cache row, so a row is read from HBM once per group (MQA form;
+// Kimi-Linear-48B has one group of 32 heads). Split s of a sequence of length L covers tokens
+// [s·c, min((s+1)·c, L)) with c = roundup(ceil(L / splits), 64), computed on the device from
+// seq_lens, so the split count is a host-side constant (CUDA graphs) and trailing splits may be
+// empty.
+// The CTA walks its range in tiles of 64 tokens. Warp 0 loads a tile with TMA boxes of 16 rows ×
+// 64 channels (a 16-row block never crosses a page; each block's page comes from the block
+// table) into 64-channel grids with the 128-byte swizzle, counted by one mbarrier. Per tile:
+//   1. Sᵀ = K·Qᵀ (tokens × heads) by wgmma m64nHk16 over the Dc + Dr = 576 channels, both
+//      operands in shared memory (Q was copied there once per CTA).
+//   2. Online softmax per head column in fp32, exp2 domain: column max over the 64 rows by
+//      shuffles and over the four warps through shared memory; Pᵀ (bf16, heads × tokens) into a
+//      swizzled grid; the accumulators rescaled.
+//   3. Oᵀ += Vᵀ·Pᵀ (channels × heads) by wgmma with A = the tile's first Dc channels read
+//      M-major, so the latent serves as key and value without a copy: Dc/64 MMAs of 64 channels
+//      per k-step, 128 fp32 accumulators per thread at Dc = 512.
+// Then warp 0 issues the next tile into the same buffer. Shared memory at Dc = 512, 32 heads:
+// 72 KB tile + 36 KB Q + 4 KB Pᵀ + 0.5 KB = 113 KB, 255 registers: two CTAs per SM, so one
+// CTA's loads are in flight while the other computes. The last tile's rows past the range (and
+// blocks whose page is outside the pool, never loaded) are zeroed in shared memory. With one
+// split the CTA writes out_latent (bf16) itself; otherwise it writes its normalized fp32 output
+// and log2-sum-exp (−inf for an empty split) to the workspace and a combine kernel merges the
+// splits. Both outputs go through shared memory (transposed) for row-contiguous stores.
 //
 // Combine kernel. One CTA of 128 threads per (sequence·head, 128 output columns): the weights
 // 2^(lse_s − max) of all splits in shared memory, then each warp sums a quarter of the splits
 // (float4 per lane) and the warps' sums are added.
 //
 // Split count (host, MlaDecodeNumSplits): minimizes waves × (tokens per split + 128), where a
-// wave is one CTA per SM slot and 128 tokens stand for a CTA's fixed cost (query load, pipeline
-// fill, the partial write and its read back). B = 1, H = 32 on 132 SMs gives ~132 splits.
+// wave is one CTA per SM slot (two per SM) and 128 tokens stand for a CTA's fixed cost (query
+// load, the partial write and its read back). B = 1, H = 32 on 132 SMs gives ~264 splits.
+//
+// The launcher encodes the pool as a 2-D tensor map (cuTensorMapEncodeTiled through the runtime's
+// driver entry point) on every call; a captured launch keeps it, so the pool must not move.
 //
 // Limits (host-checked, cudaErrorInvalidValue): (Dc, Dr) ∈ {(512, 64), (256, 64), (64, 16)};
-// page_size a multiple of 16 in [16, 256]; max_pages_per_seq·page_size < 2³¹; N ≤ 65535;
-// splits ≤ 1024. Device data is clamped (seq_lens) or range-checked (page ids) before it is used
-// for addressing.
+// page_size a multiple of 16 in [16, 256]; max_pages_per_seq·page_size < 2³¹ and
+// num_pages·page_size < 2³¹; N ≤ 65535; splits ≤ 1024. Device data is clamped (seq_lens) or
+// range-checked (page ids) before it is used for addressing.
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -52,6 +57,7 @@
 
 #include "kernels/mla/mla.h"
 #include "kernels/mla/mla_mma.cuh"
+#include "kernels/mla/mla_wgmma.cuh"
 
 namespace kls::kernels {
 namespace mla {
@@ -59,100 +65,116 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 128;  // one warpgroup
 constexpr int kWarps = kThreads / 32;
-constexpr int kTileTokens = 32;
-constexpr int kStages = 4;
-constexpr int kKGroups = 4;  // warps along the QKᵀ depth
+constexpr int kTileTokens = 64;  // the M of the QKᵀ warpgroup MMA
+constexpr int kBoxTokens = 16;   // rows of one TMA box: never crosses a page (sizes % 16 == 0)
+constexpr int kBoxesPerColumn = kTileTokens / kBoxTokens;
+// Tile buffers per CTA. One, at two CTAs per SM, so that one CTA's MMAs and softmax overlap the
+// other's loads; two buffers at one CTA per SM (loads two tiles ahead) measured slower: 61% vs
+// 79% of copy at B = 1, L = 1M on an H200.
+constexpr int kStages = 1;
+constexpr int kCtasPerSm = kStages == 1 ? 2 : 1;
 constexpr int kMaxSplits = 1024;
 constexpr int kSplitOverheadTokens = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 
 constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <int kDcT, int kDrT, int kMTilesT>
+// kHeadsT: heads per CTA (16 or 32), the N of both warpgroup MMAs.
+template <int kDcT, int kDrT, int kHeadsT>
 struct DecodeConfig {
   static constexpr int kDc = kDcT;
   static constexpr int kDr = kDrT;
-  static constexpr int kMTiles = kMTilesT;
-  static constexpr int kDk = kDc + kDr;  // key width (cache row)
-  static constexpr int kK16 = kDk / 16;  // QKᵀ depth steps
-  static constexpr int kHeads = 16 * kMTiles;
-  static constexpr int kNGroups = kWarps / (kMTiles * kKGroups);
-  static constexpr int kNTilesQk = kTileTokens / 8 / kNGroups;  // n8 tiles per warp in QKᵀ
-  static constexpr int kKSteps = (kK16 + kKGroups - 1) / kKGroups;
-  static constexpr int kNTilesPv = kDc / 8 / kWarps;  // n8 output tiles per warp in P·V
-  static constexpr int kRowStride = kDk + 8;          // smem elements per token row
-  static constexpr int kPStride = kTileTokens + 8;
-  static constexpr int kSStride = kTileTokens + 4;  // fp32 partial scores
-  static constexpr int kStageElems = kTileTokens * kRowStride;
-  static constexpr int kKvBytes = kStages * kStageElems * 2;
-  static constexpr int kSPartBytes = kKGroups * kHeads * kSStride * 4;
-  static constexpr int kPBytes = kHeads * kPStride * 2;
-  static constexpr int kSmemBytes = kKvBytes + kSPartBytes + kPBytes + 2 * kHeads * 4;
-  static constexpr int kColsPerThread = kHeads * kTileTokens / kThreads;  // softmax
-  static constexpr int kLanesPerRow = kTileTokens / kColsPerThread;
-  static constexpr int kRowChunks = kDk / 8;  // 16-byte chunks per cache row
+  static constexpr int kHeads = kHeadsT;
+  static constexpr int kDk = kDc + kDr;             // key width (cache row)
+  static constexpr int kColumns = (kDk + 63) / 64;  // 64-channel swizzled grids per row
+  static constexpr int kKSteps = kDk / 16;          // QKᵀ depth steps
+  static constexpr int kMBlocks = kDc / 64;         // P·V: 64 output channels per MMA
+  static constexpr int kAcc = kHeads / 2;           // accumulator registers per m64nHk16
+  static constexpr int kCols = kHeads / 4;          // head columns each thread owns
+  static constexpr int kTileColumnBytes = kTileTokens * 128;
+  static constexpr int kTileBytes = kColumns * kTileColumnBytes;
+  static constexpr int kBoxBytes = kBoxTokens * 128;
+  static constexpr int kQColumnBytes = kHeads * 128;
+  static constexpr int kQBytes = kColumns * kQColumnBytes;
+  static constexpr int kPBytes = kHeads * 128;  // Pᵀ: a head's 64 tokens fill one 128-byte row
+  static constexpr int kRedBytes = kWarps * kHeads * 4;
+  static constexpr int kSmemBytes =
+      kStages * kTileBytes + kQBytes + kPBytes + kRedBytes + 16 * kStages;
+  static constexpr int kOutStride = kDc + 4;  // fp32, padded: conflict-free transposed writes
 
-  static_assert(kMTiles == 1 || kMTiles == 2);
-  static_assert(kDc % (8 * kWarps) == 0 && kDr % 16 == 0 && kDr > 0);
-  static_assert(kNGroups * kMTiles * kKGroups == kWarps && kNTilesQk % 2 == 0);
-  static_assert(kColsPerThread == 2 || kColsPerThread == 4);
-  static_assert(kTileTokens % kWarps == 0);
-  static_assert(kSmemBytes <= 227 * 1024);
+  static_assert(kHeads == 16 || kHeads == 32);
+  static_assert(kDk % 16 == 0 && kDc % 64 == 0 && kDr > 0 && kDk * 2 % 16 == 0);
+  static_assert(kTileBytes % 1024 == 0 && kQBytes % 1024 == 0 && kPBytes % 1024 == 0);
+  static_assert(kHeads * kOutStride * 4 <= kTileBytes);  // the output transpose reuses the tile
+  static_assert(kSmemBytes <= (kCtasPerSm == 2 ? 113 : 227) * 1024);
 };
 
 struct DecodeArgs {
+  CUtensorMap cache_map;  // 2-D [pool rows, Dk] bf16, box [16 rows, 64 channels], 128-B swizzle
   MlaDecodeParams p;
   float* part_o;    // [N, H, splits, Dc] fp32, normalized per split
   float* part_lse;  // [N, H, splits] fp32, log2-sum-exp of the scaled scores (−inf: empty)
 };
 
-// Issues the cp.async copies of tokens [tok0, tok0 + 32) into a stage (rows at or past `end`, and
-// rows in pages outside the pool, are zero-filled and never read).
+// Lane l < 4 of warp 0: the pool row of the first token of 16-token block l of the tile at tok0,
+// or −1 when the block starts at or past `end` or its page is outside the pool (not loaded).
+__device__ __forceinline__ int BlockRow(const MlaDecodeParams& p, const int32_t* table, int tok0,
+                                        int end, int lane) {
+  if (lane >= kBoxesPerColumn) return -1;
+  const int tok = tok0 + kBoxTokens * lane;
+  if (tok >= end) return -1;
+  const int page = __ldg(table + tok / p.page_size);
+  return page >= 0 && page < p.num_pages ? page * p.page_size + tok % p.page_size : -1;
+}
+
+// Warp 0 arms the stage's barrier for the tile whose block rows `row` (lanes 0..3, BlockRow)
+// holds: the bitmask of loaded blocks goes to *loaded_s (published by lane 0's arrival, read
+// after the wait) and the barrier expects exactly their bytes. Returns the four rows in every
+// lane.
 template <class C>
-__device__ __forceinline__ void LoadTile(bf16* dst, const MlaDecodeParams& p, const int32_t* table,
-                                         int tok0, int end, int warp, int lane) {
-  constexpr int kRowsPerWarp = kTileTokens / kWarps;
+__device__ __forceinline__ void ArmTile(uint64_t* bar, int* loaded_s, int row, int lane,
+                                        int (&rows)[kBoxesPerColumn]) {
+  const int loaded = static_cast<int>(__ballot_sync(0xffffffffu, row >= 0) & 0xFu);
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int row = warp * kRowsPerWarp + r;
-    const int tok = tok0 + row;
-    bool valid = tok < end;
-    const bf16* src = p.cache_pages;
-    if (valid) {
-      const int page = __ldg(table + tok / p.page_size);
-      valid = page >= 0 && page < p.num_pages;
-      if (valid) {
-        src += (static_cast<int64_t>(page) * p.page_size + tok % p.page_size) * C::kDk;
-      }
-    }
+  for (int k = 0; k < kBoxesPerColumn; ++k) rows[k] = __shfl_sync(0xffffffffu, row, k);
+  if (lane == 0) {
+    *loaded_s = loaded;
+    MbarrierArriveExpectTx(bar, __popc(loaded) * C::kColumns * C::kBoxBytes);
+  }
+  __syncwarp();
+}
+
+// Warp 0 issues the TMA boxes (16 rows × 64 channels) of the loaded blocks for the 64-channel
+// grids [column0, column1) of a tile.
+template <class C>
+__device__ __forceinline__ void IssueColumns(const DecodeArgs& a, unsigned char* tile_s,
+                                             uint64_t* bar, const int (&rows)[kBoxesPerColumn],
+                                             int column0, int column1, int lane) {
+  const int columns = column1 - column0;
+  for (int box = lane; box < kBoxesPerColumn * columns; box += 32) {
+    const int block = box / columns, column = column0 + box - block * columns;
+    int r = rows[0];
 #pragma unroll
-    for (int c = lane; c < C::kRowChunks; c += 32) {
-      CpAsync16(dst + row * C::kRowStride + c * 8, src + (valid ? c * 8 : 0), valid);
+    for (int k = 1; k < kBoxesPerColumn; ++k) r = block == k ? rows[k] : r;
+    if (r >= 0) {
+      TmaLoad2d(tile_s + column * C::kTileColumnBytes + block * C::kBoxBytes, &a.cache_map,
+                column * 64, r, bar);
     }
   }
 }
 
-// Two query elements (k, k + 1) of head h as a bf16x2 word; zero for padded heads and steps.
 template <class C>
-__device__ __forceinline__ uint32_t QueryWord(const MlaDecodeParams& p, int b, int h, int k) {
-  if (h >= p.num_heads || k >= C::kDk) return 0u;
-  const int64_t row = static_cast<int64_t>(b) * p.num_heads + h;
-  if (k < C::kDc) return *reinterpret_cast<const uint32_t*>(p.q_latent + row * C::kDc + k);
-  return *reinterpret_cast<const uint32_t*>(p.q_pe + row * C::kDr + (k - C::kDc));
-}
-
-template <class C>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, kCtasPerSm)
     MlaDecodeSplitKernel(const __grid_constant__ DecodeArgs a) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  bf16* const kv = reinterpret_cast<bf16*>(smem);                     // [kStages][32][kRowStride]
-  float* const spart = reinterpret_cast<float*>(smem + C::kKvBytes);  // [kKGroups][heads][..]
-  bf16* const ps = reinterpret_cast<bf16*>(smem + C::kKvBytes + C::kSPartBytes);  // [heads][..]
-  float* const alpha_s =
-      reinterpret_cast<float*>(smem + C::kKvBytes + C::kSPartBytes + C::kPBytes);  // [heads]
-  float* const inv_l_s = alpha_s + C::kHeads;                                      // [heads]
+  extern __shared__ __align__(1024) unsigned char smem[];
+  unsigned char* const tile_s = smem;  // [columns][64 tokens][128 B], swizzled
+  unsigned char* const q_s = smem + kStages * C::kTileBytes;  // [columns][heads][128 B]
+  unsigned char* const p_s = q_s + C::kQBytes;                // Pᵀ [heads][64 tokens], swizzled
+  float* const red_s = reinterpret_cast<float*>(p_s + C::kPBytes);  // [warps][heads]
+  uint64_t* const bars = reinterpret_cast<uint64_t*>(p_s + C::kPBytes + C::kRedBytes);
+  int* const loaded_s = reinterpret_cast<int*>(bars + kStages);
 
   const MlaDecodeParams& p = a.p;
   const int split = static_cast<int>(blockIdx.x);
@@ -192,214 +214,240 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     return;
   }
+  if ((kda_chunk::SmemAddr(smem) & 1023u) != 0) __trap();  // the swizzled grids need it
 
   const int32_t* const table = p.block_table + static_cast<int64_t>(b) * p.max_pages_per_seq;
   const int num_tiles = static_cast<int>(CeilDiv(end - start, kTileTokens));
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (st < num_tiles) {
-      LoadTile<C>(kv + st * C::kStageElems, p, table, start + st * kTileTokens, end, warp, lane);
-    }
-    CpAsyncCommit();
-  }
 
-  // Warp roles in QKᵀ: depth quarter kg, head tile mt, token group ng.
-  const int kg = warp % kKGroups;
-  const int mt = (warp / kKGroups) % C::kMTiles;
-  const int ng = warp / (kKGroups * C::kMTiles);
-  uint32_t qa[C::kKSteps][4];
-  {
-    const int h_lo = head0 + mt * 16 + g, h_hi = h_lo + 8;
+  if (tid < kStages) MbarrierInit(bars + tid, 1);
+  // Query rows into their swizzled grids (4-byte copies: the rows are only 4-byte aligned);
+  // padded heads are zero-filled.
+  for (int i = tid; i < C::kHeads * C::kDk / 2; i += kThreads) {
+    const int hh = i / (C::kDk / 2), k = (i - hh * (C::kDk / 2)) * 2;
+    const int h = head0 + hh;
+    const bool valid = h < num_heads;
+    const int64_t row = static_cast<int64_t>(b) * num_heads + (valid ? h : 0);
+    const bf16* src =
+        k < C::kDc ? p.q_latent + row * C::kDc + k : p.q_pe + row * C::kDr + (k - C::kDc);
+    CpAsync4(q_s + (k / 64) * C::kQColumnBytes + Swizzle128Offset(hh, k % 64), src, valid);
+  }
+  kda_chunk::CpAsyncCommit();
+  __syncthreads();  // the barrier is initialized
+  if (warp == 0) {
 #pragma unroll
-    for (int j = 0; j < C::kKSteps; ++j) {
-      const int k = (kg * C::kKSteps + j) * 16 + 2 * t;
-      qa[j][0] = QueryWord<C>(p, b, h_lo, k);
-      qa[j][1] = QueryWord<C>(p, b, h_hi, k);
-      qa[j][2] = QueryWord<C>(p, b, h_lo, k + 8);
-      qa[j][3] = QueryWord<C>(p, b, h_hi, k + 8);
+    for (int st = 0; st < kStages; ++st) {
+      if (st < num_tiles) {
+        int rows[kBoxesPerColumn];
+        ArmTile<C>(bars + st, loaded_s + st,
+                   BlockRow(p, table, start + st * kTileTokens, end, lane), lane, rows);
+        IssueColumns<C>(a, tile_s + st * C::kTileBytes, bars + st, rows, 0, C::kColumns, lane);
+      }
     }
   }
+  kda_chunk::CpAsyncWaitAll();
 
-  // Softmax roles: row srow (a head of the group), columns scol .. scol + kColsPerThread − 1.
-  const int srow = tid / C::kLanesPerRow;
-  const int scol = (tid % C::kLanesPerRow) * C::kColsPerThread;
+  // Descriptors (mla_wgmma.cuh). QKᵀ: A = the tile (tokens × channels, K-major), B = Q (heads
+  // × channels, K-major). P·V as Oᵀ = Vᵀ·Pᵀ: A = the tile's first Dc channels read M-major
+  // (channels × tokens), B = Pᵀ (heads × tokens, K-major).
+  const uint64_t desc_k = SmemDescriptorSw128(tile_s, 16, 1024);
+  const uint64_t desc_q = SmemDescriptorSw128(q_s, 16, 1024);
+  const uint64_t desc_v = SmemDescriptorSw128(tile_s, C::kTileColumnBytes, 1024);
+  const uint64_t desc_p = SmemDescriptorSw128(p_s, 16, 1024);
+
+  // This thread's head columns: col(j, e) = 8j + 2t + e, index 2j + e; token rows r0, r0 + 8.
+  const int r0 = 16 * warp + g;
   const float scale_log2 = p.scale * kLog2e;
-  float m_run = -INFINITY, l_run = 0.f;
-
-  // P·V roles: all head rows, output columns [col0, col0 + 8·kNTilesPv).
-  const int col0 = warp * C::kNTilesPv * 8;
-  float o[C::kMTiles][C::kNTilesPv][4];
+  float m_run[C::kCols], l_part[C::kCols];
 #pragma unroll
-  for (int i = 0; i < C::kMTiles; ++i) {
+  for (int c = 0; c < C::kCols; ++c) {
+    m_run[c] = -INFINITY;
+    l_part[c] = 0.f;
+  }
+  float o[C::kMBlocks][C::kAcc];  // Oᵀ: rows = channels 64·mb + 16·warp + g (+8), cols = heads
 #pragma unroll
-    for (int n = 0; n < C::kNTilesPv; ++n) o[i][n][0] = o[i][n][1] = o[i][n][2] = o[i][n][3] = 0.f;
+  for (int mb = 0; mb < C::kMBlocks; ++mb) {
+#pragma unroll
+    for (int i = 0; i < C::kAcc; ++i) o[mb][i] = 0.f;
   }
 
   for (int it = 0; it < num_tiles; ++it) {
-    CpAsyncWait<kStages - 2>();  // this thread's copies of tile `it` have landed
-    __syncthreads();             // everyone's have; everyone is done with tile it − 1
-    {
-      const int next = it + kStages - 1;
-      if (next < num_tiles) {
-        LoadTile<C>(kv + (next % kStages) * C::kStageElems, p, table, start + next * kTileTokens,
-                    end, warp, lane);
-      }
-      CpAsyncCommit();
-    }
-    const bf16* const tile = kv + (it % kStages) * C::kStageElems;
     const int tok0 = start + it * kTileTokens;
-
-    // 1. Partial scores of this warp's depth quarter.
-    {
-      float acc[C::kNTilesQk][4];
-#pragma unroll
-      for (int n = 0; n < C::kNTilesQk; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-#pragma unroll
-      for (int j = 0; j < C::kKSteps; ++j) {
-        const int ks = kg * C::kKSteps + j;
-        if (ks < C::kK16) {
-#pragma unroll
-          for (int np = 0; np < C::kNTilesQk / 2; ++np) {
-            uint32_t bfrag[4];
-            Ldsm4(bfrag,
-                  BNMajorAddr(tile, C::kRowStride, ks * 16, ng * C::kNTilesQk * 8 + np * 16, lane));
-            MmaBf16(acc[2 * np], qa[j], bfrag[0], bfrag[1]);
-            MmaBf16(acc[2 * np + 1], qa[j], bfrag[2], bfrag[3]);
-          }
-        }
+    const int valid = end - tok0;  // ≥ 1: the tile starts inside the range
+    const int stage = kStages == 1 ? 0 : it % kStages;
+    unsigned char* const tile = tile_s + stage * C::kTileBytes;
+    MbarrierWait(bars + stage, (it / kStages) & 1);
+    // Rows past the range, or of blocks not loaded (outside the pool), become zeros: their P is 0
+    // and 0·garbage could be NaN.
+    const int loaded = loaded_s[stage];
+    if (valid < kTileTokens || loaded != (1 << kBoxesPerColumn) - 1) {
+      for (int i = tid; i < kTileTokens * C::kColumns * 8; i += kThreads) {
+        const int r = i / (C::kColumns * 8), rest = i - r * (C::kColumns * 8);
+        if (r < valid && ((loaded >> (r / kBoxTokens)) & 1)) continue;
+        *reinterpret_cast<uint4*>(tile + (rest >> 3) * C::kTileColumnBytes + r * 128 +
+                                  (rest & 7) * 16) = make_uint4(0u, 0u, 0u, 0u);
       }
-      float* const sp = spart + (kg * C::kHeads + mt * 16) * C::kSStride;
+    }
+    FenceProxyAsync();
+    __syncthreads();  // the tile (and, on the first pass, Q) is ready for wgmma
+
+    // 1. Sᵀ = K·Qᵀ (tokens × heads) over the Dc + Dr channels.
+    float s[C::kAcc];
 #pragma unroll
-      for (int n = 0; n < C::kNTilesQk; ++n) {
-        const int col = (ng * C::kNTilesQk + n) * 8 + 2 * t;
-        *reinterpret_cast<float2*>(sp + g * C::kSStride + col) = make_float2(acc[n][0], acc[n][1]);
-        *reinterpret_cast<float2*>(sp + (g + 8) * C::kSStride + col) =
-            make_float2(acc[n][2], acc[n][3]);
+    for (int i = 0; i < C::kAcc; ++i) s[i] = 0.f;
+    WgmmaFence();
+#pragma unroll
+    for (int ks = 0; ks < C::kKSteps; ++ks) {
+      const int column = ks / 4, within = (ks % 4) * 32;
+      WgmmaBf16<C::kHeads, 0>(
+          s,
+          AdvanceDescriptor(desc_k, stage * C::kTileBytes + column * C::kTileColumnBytes + within),
+          AdvanceDescriptor(desc_q, column * C::kQColumnBytes + within), ks > 0);
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceAccumulators(s);
+
+    // 2. Online softmax per head column, exp2 domain: the tile's column max over the four warps.
+    float tile_max[C::kCols];
+#pragma unroll
+    for (int j = 0; j < C::kHeads / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& lo = s[4 * j + e];
+        float& hi = s[4 * j + 2 + e];
+        lo = r0 < valid ? lo * scale_log2 : -INFINITY;
+        hi = r0 + 8 < valid ? hi * scale_log2 : -INFINITY;
+        float mx = fmaxf(lo, hi);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        tile_max[2 * j + e] = mx;
+        if (g == 0) red_s[warp * C::kHeads + 8 * j + 2 * t + e] = mx;
       }
     }
     __syncthreads();
-
-    // 2. Online softmax of row srow over this tile.
-    {
-      float s[C::kColsPerThread];
+    float alpha[C::kCols];
 #pragma unroll
-      for (int j = 0; j < C::kColsPerThread; ++j) s[j] = 0.f;
+    for (int j = 0; j < C::kHeads / 8; ++j) {
 #pragma unroll
-      for (int q = 0; q < kKGroups; ++q) {
-        const float* src = spart + (q * C::kHeads + srow) * C::kSStride + scol;
-        if constexpr (C::kColsPerThread == 4) {
-          const float4 v = *reinterpret_cast<const float4*>(src);
-          s[0] += v.x;
-          s[1] += v.y;
-          s[2] += v.z;
-          s[3] += v.w;
-        } else {
-          const float2 v = *reinterpret_cast<const float2*>(src);
-          s[0] += v.x;
-          s[1] += v.y;
-        }
-      }
-      const int valid = end - tok0;  // ≥ 1: the tile starts inside the range
-      float tile_max = -INFINITY;
+      for (int e = 0; e < 2; ++e) {
+        const int c = 2 * j + e, col = 8 * j + 2 * t + e;
+        float mx = tile_max[c];
 #pragma unroll
-      for (int j = 0; j < C::kColsPerThread; ++j) {
-        s[j] = scol + j < valid ? s[j] * scale_log2 : -INFINITY;
-        tile_max = fmaxf(tile_max, s[j]);
-      }
-      tile_max = WarpMaxXor(tile_max, C::kLanesPerRow);
-      const float m_new = fmaxf(m_run, tile_max);  // finite: the row has a valid column
-      const float alpha = exp2f(m_run - m_new);    // 0 on the first tile
-      float pv[C::kColsPerThread];
-      float psum = 0.f;
-#pragma unroll
-      for (int j = 0; j < C::kColsPerThread; ++j) {
-        pv[j] = RoundBf16(exp2f(s[j] - m_new));  // the weights P·V uses, summed as such
-        psum += pv[j];
-      }
-      psum = WarpSumXor(psum, C::kLanesPerRow);
-      l_run = l_run * alpha + psum;
-      m_run = m_new;
-      bf16* const dst = ps + srow * C::kPStride + scol;
-      if constexpr (C::kColsPerThread == 4) {
-        *reinterpret_cast<uint2*>(dst) =
-            make_uint2(PackBf16x2(pv[0], pv[1]), PackBf16x2(pv[2], pv[3]));
-      } else {
-        *reinterpret_cast<uint32_t*>(dst) = PackBf16x2(pv[0], pv[1]);
-      }
-      if (tid % C::kLanesPerRow == 0) alpha_s[srow] = alpha;
-    }
-    __syncthreads();
-
-    // 3. O = alpha·O + P·V over the tile's 32 tokens.
-#pragma unroll
-    for (int i = 0; i < C::kMTiles; ++i) {
-      const float a_lo = alpha_s[i * 16 + g], a_hi = alpha_s[i * 16 + g + 8];
-#pragma unroll
-      for (int n = 0; n < C::kNTilesPv; ++n) {
-        o[i][n][0] *= a_lo;
-        o[i][n][1] *= a_lo;
-        o[i][n][2] *= a_hi;
-        o[i][n][3] *= a_hi;
+        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, red_s[w * C::kHeads + col]);
+        const float m_new = fmaxf(m_run[c], mx);  // finite: the column has a valid row
+        alpha[c] = exp2f(m_run[c] - m_new);       // 0 on the first tile
+        m_run[c] = m_new;
+        // The weights P·V uses, summed as such.
+        const float p_lo = RoundBf16(exp2f(s[4 * j + e] - m_new));
+        const float p_hi = RoundBf16(exp2f(s[4 * j + 2 + e] - m_new));
+        l_part[c] = l_part[c] * alpha[c] + p_lo + p_hi;
+        *reinterpret_cast<bf16*>(p_s + Swizzle128Offset(col, r0)) = __float2bfloat16_rn(p_lo);
+        *reinterpret_cast<bf16*>(p_s + Swizzle128Offset(col, r0 + 8)) = __float2bfloat16_rn(p_hi);
       }
     }
 #pragma unroll
-    for (int kk = 0; kk < kTileTokens / 16; ++kk) {
-      uint32_t pa[C::kMTiles][4];
+    for (int mb = 0; mb < C::kMBlocks; ++mb) {
 #pragma unroll
-      for (int i = 0; i < C::kMTiles; ++i) {
-        Ldsm4(pa[i], ARowMajorAddr(ps, C::kPStride, i * 16, kk * 16, lane));
-      }
+      for (int j = 0; j < C::kHeads / 8; ++j) {
 #pragma unroll
-      for (int np = 0; np < C::kNTilesPv / 2; ++np) {
-        uint32_t bfrag[4];
-        Ldsm4T(bfrag, BKMajorAddr(tile, C::kRowStride, kk * 16, col0 + np * 16, lane));
-#pragma unroll
-        for (int i = 0; i < C::kMTiles; ++i) {
-          MmaBf16(o[i][2 * np], pa[i], bfrag[0], bfrag[1]);
-          MmaBf16(o[i][2 * np + 1], pa[i], bfrag[2], bfrag[3]);
+        for (int e = 0; e < 2; ++e) {
+          o[mb][4 * j + e] *= alpha[2 * j + e];
+          o[mb][4 * j + 2 + e] *= alpha[2 * j + e];
         }
       }
-      if constexpr (C::kNTilesPv % 2 == 1) {
-        constexpr int n = C::kNTilesPv - 1;
-        uint32_t bfrag[2];
-        Ldsm2T(bfrag, BKMajorAddr(tile, C::kRowStride, kk * 16, col0 + n * 8, lane));
+    }
+    FenceProxyAsync();
+    __syncthreads();  // Pᵀ is complete
+
+    // 3. Oᵀ += Vᵀ·Pᵀ over the tile's 64 tokens.
+    WgmmaFence();
 #pragma unroll
-        for (int i = 0; i < C::kMTiles; ++i) MmaBf16(o[i][n], pa[i], bfrag[0], bfrag[1]);
+    for (int mb = 0; mb < C::kMBlocks; ++mb) {
+#pragma unroll
+      for (int ks = 0; ks < kTileTokens / 16; ++ks) {
+        WgmmaBf16<C::kHeads, 1>(
+            o[mb],
+            AdvanceDescriptor(desc_v, stage * C::kTileBytes + mb * C::kTileColumnBytes + ks * 2048),
+            AdvanceDescriptor(desc_p, ks * 32), true);
       }
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+#pragma unroll
+    for (int mb = 0; mb < C::kMBlocks; ++mb) FenceAccumulators(o[mb]);
+    __syncthreads();  // every warp's MMAs are done with the tile and Pᵀ
+
+    // Refill the stage. (Looking the pages up before the MMAs and starting the Dr channels'
+    // grids right after QKᵀ measured no faster.)
+    if (warp == 0 && it + kStages < num_tiles) {
+      FenceProxyAsync();  // order this CTA's earlier generic writes of the tile before the TMA
+      int rows[kBoxesPerColumn];
+      ArmTile<C>(bars + stage, loaded_s + stage,
+                 BlockRow(p, table, tok0 + kStages * kTileTokens, end, lane), lane, rows);
+      IssueColumns<C>(a, tile, bars + stage, rows, 0, C::kColumns, lane);
     }
   }
-  CpAsyncWait<0>();  // nothing useful is pending (only empty groups), but leave none behind
 
-  // Normalize and store.
-  if (tid % C::kLanesPerRow == 0) {
-    inv_l_s[srow] = 1.f / l_run;  // l_run ≥ 1: the row max contributes exp2(0)
-    const int h = head0 + srow;
-    if (num_splits > 1 && h < num_heads) {
-      a.part_lse[(static_cast<int64_t>(b) * num_heads + h) * num_splits + split] =
-          m_run + log2f(l_run);
+  // Row sums per head: this thread's rows, then the lanes of its column, then the warps.
+#pragma unroll
+  for (int j = 0; j < C::kHeads / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float l = l_part[2 * j + e];
+      l += __shfl_xor_sync(0xffffffffu, l, 4);
+      l += __shfl_xor_sync(0xffffffffu, l, 8);
+      l += __shfl_xor_sync(0xffffffffu, l, 16);
+      if (g == 0) red_s[warp * C::kHeads + 8 * j + 2 * t + e] = l;
     }
   }
   __syncthreads();
+  float inv_l[C::kCols];
 #pragma unroll
-  for (int i = 0; i < C::kMTiles; ++i) {
+  for (int j = 0; j < C::kHeads / 8; ++j) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = i * 16 + g + 8 * half;
-      const int h = head0 + r;
-      if (h >= num_heads) continue;
-      const float inv = inv_l_s[r];
-      const int64_t row = static_cast<int64_t>(b) * num_heads + h;
+    for (int e = 0; e < 2; ++e) {
+      const int c = 2 * j + e, col = 8 * j + 2 * t + e;
+      float l = 0.f;
 #pragma unroll
-      for (int n = 0; n < C::kNTilesPv; ++n) {
-        const int col = col0 + n * 8 + 2 * t;
-        const float x = o[i][n][2 * half] * inv, y = o[i][n][2 * half + 1] * inv;
-        if (num_splits == 1) {
-          *reinterpret_cast<uint32_t*>(p.out_latent + row * C::kDc + col) = PackBf16x2(x, y);
-        } else {
-          *reinterpret_cast<float2*>(a.part_o + (row * num_splits + split) * C::kDc + col) =
-              make_float2(x, y);
-        }
+      for (int w = 0; w < kWarps; ++w) l += red_s[w * C::kHeads + col];
+      inv_l[c] = 1.f / l;  // l ≥ 1: the column max contributes exp2(0)
+      const int h = head0 + col;
+      if (num_splits > 1 && warp == 0 && g == 0 && h < num_heads) {
+        a.part_lse[(static_cast<int64_t>(b) * num_heads + h) * num_splits + split] =
+            m_run[c] + log2f(l);
       }
+    }
+  }
+
+  // Normalized Oᵀ transposed through shared memory (the tile is free), then row-contiguous
+  // stores.
+  float* const out_s = reinterpret_cast<float*>(tile_s);  // [heads][kOutStride]
+#pragma unroll
+  for (int mb = 0; mb < C::kMBlocks; ++mb) {
+#pragma unroll
+    for (int j = 0; j < C::kHeads / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * j + 2 * t + e;
+        const int ch = 64 * mb + 16 * warp + g;
+        out_s[col * C::kOutStride + ch] = o[mb][4 * j + e] * inv_l[2 * j + e];
+        out_s[col * C::kOutStride + ch + 8] = o[mb][4 * j + 2 + e] * inv_l[2 * j + e];
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < C::kHeads * (C::kDc / 4); i += kThreads) {
+    const int hh = i / (C::kDc / 4), col = (i % (C::kDc / 4)) * 4;
+    const int h = head0 + hh;
+    if (h >= num_heads) continue;
+    const float4 v = *reinterpret_cast<const float4*>(out_s + hh * C::kOutStride + col);
+    const int64_t row = static_cast<int64_t>(b) * num_heads + h;
+    if (num_splits == 1) {
+      *reinterpret_cast<uint2*>(p.out_latent + row * C::kDc + col) =
+          make_uint2(PackBf16x2(v.x, v.y), PackBf16x2(v.z, v.w));
+    } else {
+      *reinterpret_cast<float4*>(a.part_o + (row * num_splits + split) * C::kDc + col) = v;
     }
   }
 }
@@ -531,15 +579,15 @@ struct Tag {
   using Config = DecodeConfig<A, B, M>;
 };
 
-// Calls f(Tag<Dc, Dr, m_tiles>{}) for a supported variant; false otherwise.
+// Calls f(Tag<Dc, Dr, heads per CTA>{}) for a supported variant; false otherwise.
 template <typename F>
-bool DispatchDims(int dc, int dr, int m_tiles, F&& f) {
+bool DispatchDims(int dc, int dr, int heads_per_cta, F&& f) {
   if (dc == 512 && dr == 64) {
-    m_tiles == 2 ? f(Tag<512, 64, 2>{}) : f(Tag<512, 64, 1>{});
+    heads_per_cta == 32 ? f(Tag<512, 64, 32>{}) : f(Tag<512, 64, 16>{});
   } else if (dc == 256 && dr == 64) {
-    m_tiles == 2 ? f(Tag<256, 64, 2>{}) : f(Tag<256, 64, 1>{});
+    heads_per_cta == 32 ? f(Tag<256, 64, 32>{}) : f(Tag<256, 64, 16>{});
   } else if (dc == 64 && dr == 16) {
-    m_tiles == 2 ? f(Tag<64, 16, 2>{}) : f(Tag<64, 16, 1>{});
+    heads_per_cta == 32 ? f(Tag<64, 16, 32>{}) : f(Tag<64, 16, 16>{});
   } else {
     return false;
   }
@@ -554,13 +602,12 @@ bool SupportedShape(const MlaDecodeParams& p) {
          p.max_pages_per_seq >= 1 && p.num_pages >= 1 && p.page_size >= 16 && p.page_size <= 256 &&
          p.page_size % 16 == 0 &&
          static_cast<int64_t>(p.max_pages_per_seq) * p.page_size <= INT32_MAX &&
-         p.num_splits >= 0 && p.num_splits <= kMaxSplits;
+         p.num_pages <= INT32_MAX / p.page_size && p.num_splits >= 0 && p.num_splits <= kMaxSplits;
 }
 
-int MTiles(const MlaDecodeParams& p) { return p.num_heads > 16 ? 2 : 1; }
+int HeadsPerCta(const MlaDecodeParams& p) { return p.num_heads > 16 ? 32 : 16; }
 int HeadGroups(const MlaDecodeParams& p) {
-  const int heads_per_cta = 16 * MTiles(p);
-  return (p.num_heads + heads_per_cta - 1) / heads_per_cta;
+  return (p.num_heads + HeadsPerCta(p) - 1) / HeadsPerCta(p);
 }
 
 // Per-device caches (bit/entry d for device d < 64), so that a launch captured into a CUDA graph
@@ -599,6 +646,11 @@ cudaError_t PrepareSplitKernel(int device, int* ctas_per_sm) {
   cudaError_t err = cudaFuncSetAttribute(
       MlaDecodeSplitKernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
   if (err != cudaSuccess) return err;
+  // Two CTAs per SM need (nearly) all of the unified L1/shared memory as shared memory.
+  err =
+      cudaFuncSetAttribute(MlaDecodeSplitKernel<C>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           cudaSharedmemCarveoutMaxShared);
+  if (err != cudaSuccess) return err;
   int n = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, MlaDecodeSplitKernel<C>, kThreads,
                                                       C::kSmemBytes);
@@ -626,6 +678,32 @@ int ChooseSplits(int64_t ctas_per_split, int64_t max_seq_len, int64_t slots) {
   return best;
 }
 
+// The cache pool as a 2-D tensor map [num_pages · page_size rows, Dk] of bf16 for TMA: boxes of
+// 16 rows × 64 channels, 128-byte swizzle, zeros outside (the tiny dims' second grid).
+cudaError_t EncodeCacheMap(const MlaDecodeParams& p, CUtensorMap* map) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                             cudaEnableDefault, &found);
+    return err == cudaSuccess && found == cudaDriverEntryPointSuccess
+               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn)
+               : nullptr;
+  }();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const int dk = p.head_dim_latent + p.head_dim_rope;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(dk),
+                              static_cast<cuuint64_t>(p.num_pages) * p.page_size};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(dk) * sizeof(__nv_bfloat16)};
+  const cuuint32_t box[2] = {64, kBoxTokens};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r = encode(
+      map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<__nv_bfloat16*>(p.cache_pages), dims,
+      strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 struct DecodePlan {
   int splits = 0;
   int head_groups = 0;
@@ -644,7 +722,7 @@ cudaError_t MakePlan(const MlaDecodeParams& p, DecodePlan* plan) {
     if (err != cudaSuccess) return err;
     err = SmCount(device, &sms);
     if (err != cudaSuccess) return err;
-    DispatchDims(p.head_dim_latent, p.head_dim_rope, MTiles(p), [&](auto tag) {
+    DispatchDims(p.head_dim_latent, p.head_dim_rope, HeadsPerCta(p), [&](auto tag) {
       err = PrepareSplitKernel<typename decltype(tag)::Config>(device, &ctas_per_sm);
     });
     if (err != cudaSuccess) return err;
@@ -699,6 +777,8 @@ cudaError_t LaunchMlaDecode(const MlaDecodeParams& params, void* workspace, size
   if (err != cudaSuccess) return err;
 
   mla::DecodeArgs args;
+  err = mla::EncodeCacheMap(p, &args.cache_map);
+  if (err != cudaSuccess) return err;
   args.p = p;
   args.part_o = plan.workspace_bytes > 0 ? static_cast<float*>(workspace) : nullptr;
   args.part_lse =
@@ -707,7 +787,7 @@ cudaError_t LaunchMlaDecode(const MlaDecodeParams& params, void* workspace, size
           : nullptr;
   const dim3 grid(static_cast<unsigned>(plan.splits), static_cast<unsigned>(plan.head_groups),
                   static_cast<unsigned>(p.num_seqs));
-  mla::DispatchDims(p.head_dim_latent, p.head_dim_rope, mla::MTiles(p), [&](auto tag) {
+  mla::DispatchDims(p.head_dim_latent, p.head_dim_rope, mla::HeadsPerCta(p), [&](auto tag) {
     using C = typename decltype(tag)::Config;
     err = mla::PrepareSplitKernel<C>(device, &ctas_per_sm);
     if (err != cudaSuccess) return;

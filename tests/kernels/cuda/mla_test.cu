@@ -568,7 +568,7 @@ std::vector<DecodeCase> DecodeCases() {
   cases.push_back({"B19_P16_H32", b19, 32, 512, 64, 16, 0, 0, seed++});
   cases.push_back({"B19_P64_H16", b19, 16, 512, 64, 64, 0, 0, seed++});
   // One split writes the output directly; many forced splits leave some empty (len 100 over 8
-  // splits: 4 of 32 tokens... the last 4 empty); an empty sequence gets zeros either way.
+  // splits: two of 64 tokens, the last 6 empty); an empty sequence gets zeros either way.
   cases.push_back({"Split1_B3_H32", {700, 0, 33}, 32, 512, 64, 64, 1, 0, seed++});
   cases.push_back({"Split8_EmptySplits_H32", {100, 0, 5, 257}, 32, 512, 64, 64, 8, 0, seed++});
   cases.push_back({"Split1000_H32", {3000}, 32, 512, 64, 64, 1000, 0, seed++});
@@ -781,6 +781,9 @@ TEST_F(MlaDecodeKernelTest, RejectsBadArguments) {
   bad = good;
   bad.num_pages = 0;
   expect_invalid(bad, "empty pool");
+  bad = good;
+  bad.num_pages = (int64_t{1} << 31) / good.page_size;  // 2^31 rows: beyond the TMA's int32 rows
+  expect_invalid(bad, "pool of 2^31 rows");
   bad = good;
   bad.num_splits = 1025;
   expect_invalid(bad, "1025 splits");

@@ -1,0 +1,171 @@
+// Hopper (sm_90a) asynchronous-unit helpers of the MLA decode kernel: warpgroup MMA
+// (wgmma.mma_async, bf16 m64nNk16 with both operands in shared memory), shared-memory matrix
+// descriptors for the 128-byte-swizzled layout, tensor-memory-access (TMA) tile loads and the
+// mbarriers that count their bytes, and the fences between the generic and the async proxy.
+//
+// Layout (128-byte swizzle, what a TMA box with CU_TENSOR_MAP_SWIZZLE_128B writes): rows of 64
+// bf16 (128 bytes); within each 1024-byte-aligned group of 8 rows, the 16-byte chunk c of row r
+// is stored at chunk position c ^ r. One such grid of [rows × 64 channels] serves as
+//   a K-major operand (rows = M or N, the 64 channels = K): SBO = 1024 (the next 8 rows), LBO
+//   unused; a k16 step inside the 128-byte row advances the start address by 32 bytes;
+//   an M-major A (the 64 channels = M, rows = K), imm-trans-a = 1: SBO = 1024 (the next 8 K
+//   rows), LBO = the distance to the next 64-channel grid.
+//
+// Accumulator of m64nNk16 (fp32, N/2 registers per thread), thread = 32·w + 4·g + t of the
+// warpgroup: d[4j + 0..1] = (row 16w + g, cols 8j + 2t .. +1), d[4j + 2..3] = (row 16w + g + 8,
+// same cols), j = 0 .. N/8 − 1 (the mma.m16n8 C layout, stacked over the n8 blocks and warps).
+#ifndef KLS_KERNELS_MLA_MLA_WGMMA_CUH_
+#define KLS_KERNELS_MLA_MLA_WGMMA_CUH_
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/kda/kda_chunk_mma.cuh"
+
+namespace kls::kernels::mla {
+
+// Byte offset of element (row, col) (col < 64) in a 128-byte-swizzled grid whose base is
+// 1024-byte aligned.
+__device__ __forceinline__ uint32_t Swizzle128Offset(int row, int col) {
+  return static_cast<uint32_t>(row * 128 + ((((col >> 3) ^ row) & 7) << 4) + (col & 7) * 2);
+}
+
+// Descriptor of a 128-byte-swizzled operand starting at `smem` (shared memory). Bits 0–13:
+// address / 16; 16–29: LBO / 16; 32–45: SBO / 16; 49–51: base offset 0 (the grids are
+// 1024-byte aligned); 62–63: layout 1 = 128-byte swizzle.
+__device__ __forceinline__ uint64_t SmemDescriptorSw128(const void* smem, uint32_t lbo_bytes,
+                                                        uint32_t sbo_bytes) {
+  const uint64_t addr = kda_chunk::SmemAddr(smem);
+  return ((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32) | (uint64_t{1} << 62);
+}
+
+// The same descriptor moved `bytes` (a multiple of 16) further into shared memory.
+__device__ __forceinline__ uint64_t AdvanceDescriptor(uint64_t desc, uint32_t bytes) {
+  return desc + (bytes >> 4);  // shared addresses < 256 KB: the 14-bit field cannot carry
+}
+
+// mbarrier (shared memory, 8 bytes) that one arrival plus the bytes of the TMA loads complete.
+__device__ __forceinline__ void MbarrierInit(uint64_t* bar, int arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(kda_chunk::SmemAddr(bar)),
+               "r"(arrivals)
+               : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void MbarrierArriveExpectTx(uint64_t* bar, uint32_t bytes) {
+  asm volatile(
+      "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(kda_chunk::SmemAddr(bar)),
+      "r"(bytes)
+      : "memory");
+}
+// Waits until the phase with the given parity has completed.
+__device__ __forceinline__ void MbarrierWait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(kda_chunk::SmemAddr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// TMA: the box at coordinates (x, y) of a 2-D tensor map into shared memory, completing `bar`.
+__device__ __forceinline__ void TmaLoad2d(void* smem, const void* tensor_map, int x, int y,
+                                          uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(kda_chunk::SmemAddr(smem)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(x), "r"(y), "r"(kda_chunk::SmemAddr(bar))
+      : "memory");
+}
+// 4-byte global → shared copy (cp.async); when !valid nothing is read and zeros are written.
+__device__ __forceinline__ void CpAsync4(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(kda_chunk::SmemAddr(smem)),
+               "l"(gmem), "r"(valid ? 4 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void WgmmaFence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void WgmmaCommit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void WgmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// Shared-memory writes of this thread (st.shared, cp.async) become visible to the async proxy
+// that wgmma reads through; a barrier must still order them across threads.
+__device__ __forceinline__ void FenceProxyAsync() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Keeps the compiler from moving reads of accumulators above the wait that completes them.
+template <int kN>
+__device__ __forceinline__ void FenceAccumulators(float (&d)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d (+)= A·B for one m64nNk16 bf16 step, fp32 accumulation, A and B from shared memory
+// (descriptors); kTransA = 1 reads A as M-major. accumulate = false overwrites d.
+template <int kN, int kTransA>
+__device__ __forceinline__ void WgmmaBf16(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b,
+                                          bool accumulate);
+
+template <>
+__device__ __forceinline__ void WgmmaBf16<32, 0>(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
+                                                 bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, "
+      "0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate))
+      : "memory");
+}
+template <>
+__device__ __forceinline__ void WgmmaBf16<32, 1>(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
+                                                 bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, "
+      "1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate))
+      : "memory");
+}
+template <>
+__device__ __forceinline__ void WgmmaBf16<16, 0>(float (&d)[8], uint64_t desc_a, uint64_t desc_b,
+                                                 bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate))
+      : "memory");
+}
+template <>
+__device__ __forceinline__ void WgmmaBf16<16, 1>(float (&d)[8], uint64_t desc_a, uint64_t desc_b,
+                                                 bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate))
+      : "memory");
+}
+
+}  // namespace kls::kernels::mla
+
+#endif  // KLS_KERNELS_MLA_MLA_WGMMA_CUH_
