@@ -107,63 +107,44 @@ __device__ __forceinline__ void FenceAccumulators(float (&d)[kN]) {
   for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// d (+)= A·B for one m64nNk16 bf16 step, fp32 accumulation, A and B from shared memory
-// (descriptors); kTransA = 1 reads A as M-major. accumulate = false overwrites d.
+template <int kTransA>
+__device__ __forceinline__ void WgmmaBf16M64N32(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
+                                                bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, "
+      "%19, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)), "n"(kTransA)
+      : "memory");
+}
+template <int kTransA>
+__device__ __forceinline__ void WgmmaBf16M64N16(float (&d)[8], uint64_t desc_a, uint64_t desc_b,
+                                                bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, %11, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)), "n"(kTransA)
+      : "memory");
+}
+
+// d (+)= A·B for one m64nNk16 bf16 step (N = 16 or 32), fp32 accumulation, A and B from shared
+// memory (descriptors); kTransA = 1 reads A as M-major. accumulate = false overwrites d.
 template <int kN, int kTransA>
 __device__ __forceinline__ void WgmmaBf16(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b,
-                                          bool accumulate);
-
-template <>
-__device__ __forceinline__ void WgmmaBf16<32, 0>(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
-                                                 bool accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, "
-      "0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15])
-      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate))
-      : "memory");
-}
-template <>
-__device__ __forceinline__ void WgmmaBf16<32, 1>(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
-                                                 bool accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, "
-      "1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15])
-      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate))
-      : "memory");
-}
-template <>
-__device__ __forceinline__ void WgmmaBf16<16, 0>(float (&d)[8], uint64_t desc_a, uint64_t desc_b,
-                                                 bool accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7])
-      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate))
-      : "memory");
-}
-template <>
-__device__ __forceinline__ void WgmmaBf16<16, 1>(float (&d)[8], uint64_t desc_a, uint64_t desc_b,
-                                                 bool accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7])
-      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate))
-      : "memory");
+                                          bool accumulate) {
+  static_assert(kN == 16 || kN == 32);
+  if constexpr (kN == 32) {
+    WgmmaBf16M64N32<kTransA>(d, desc_a, desc_b, accumulate);
+  } else {
+    WgmmaBf16M64N16<kTransA>(d, desc_a, desc_b, accumulate);
+  }
 }
 
 }  // namespace kls::kernels::mla
