@@ -1,6 +1,8 @@
 // MLA prefill: causal, non-absorbed attention over decompressed keys and values, varlen, with
 // the queries the last len_q positions of each sequence's len_k keys (contract: mla.h; math:
-// README.md "CUDA kernels"). Flash-attention-2 style: the scores exist only as register tiles.
+// README.md "CUDA kernels"). Flash-attention style: the scores exist only as register tiles.
+// Two kernels: (Dqk, Dv) = (192, 128) runs MlaPrefillWgmmaKernel (warpgroup MMAs, namespace wg
+// below, described there); the tiny preset's (48, 32) runs MlaPrefillKernel, described here.
 //
 // CTA mapping. One CTA of 256 threads (8 warps) per (tile of 128 queries, sequence, head), on a
 // 1-D grid ordered by query tile DESCENDING (head fastest, then sequence): under the causal mask
@@ -34,6 +36,7 @@
 
 #include "kernels/mla/mla.h"
 #include "kernels/mla/mla_mma.cuh"
+#include "kernels/mla/mla_wgmma.cuh"
 
 namespace kls::kernels {
 namespace mla {
@@ -256,29 +259,284 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The (Dqk, Dv) = (192, 128) prefill on warpgroup MMAs (sm_90a wgmma; helpers and the 128-byte
+// swizzled layout in mla_wgmma.cuh). Same CTA mapping as MlaPrefillKernel (128 queries per CTA,
+// 1-D grid with the query tile descending), 256 threads = two warpgroups of 64 query rows each,
+// keys in blocks of 128:
+//   S = Q·Kᵀ   m64n128k16 × 12 with both operands in shared memory (Q and K K-major);
+//   online softmax per row in registers (a row lives in 4 lanes of one warp), causal mask only
+//              on blocks that cross the warpgroup's diagonal (a warpgroup skips blocks entirely
+//              above it);
+//   O += P·V   m64n128k16 × 8 with P from registers (the S accumulators re-packed into bf16 A
+//              fragments) and V from shared memory read N-major.
+// Q, K and V arrive by cp.async (16-byte chunks written straight into their swizzled slots; rows
+// past the valid range are zero-filled); K and V are double-buffered: block j + 1 loads while j
+// is used. Shared memory: Q 48 KB + 2 × (K 48 KB + V 32 KB) = 208 KB, one CTA per SM.
+namespace wg {
+
+constexpr int kThreads = 256;
+constexpr int kBlockM = 128;  // queries per CTA (64 per warpgroup)
+constexpr int kBlockN = 128;  // keys per block
+constexpr int kDqk = 192, kDv = 128;
+constexpr int kQBytes = kBlockM * kDqk * 2;
+constexpr int kKBytes = kBlockN * kDqk * 2;
+constexpr int kVBytes = kBlockN * kDv * 2;
+constexpr int kSmemBytes = kQBytes + 2 * (kKBytes + kVBytes);
+static_assert(kSmemBytes <= 227 * 1024);
+static_assert(kBlockM == mla::kBlockM, "the launcher's grid is shared with MlaPrefillKernel");
+
+// cp.async of rows [0, kRows) of a [rows, kDim] tile whose row r lives at base + r·stride into
+// kDim/64 swizzled grids of [kRows][128 B]; rows at or past valid_rows are zero-filled.
+template <int kRows, int kDim>
+__device__ __forceinline__ void LoadSwizzled(unsigned char* dst, const bf16* base, int64_t stride,
+                                             int valid_rows, int tid) {
+  constexpr int kChunks = kDim / 8;
+#pragma unroll 4
+  for (int i = tid; i < kRows * kChunks; i += kThreads) {
+    const int row = i / kChunks, c = i % kChunks;
+    const bool valid = row < valid_rows;
+    const bf16* src = valid ? base + row * stride + c * 8 : base;
+    CpAsync16(dst + (c >> 3) * (kRows * 128) + Swizzle128Offset(row, (c & 7) * 8), src, valid);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    MlaPrefillWgmmaKernel(const __grid_constant__ MlaPrefillParams p, const int num_q_tiles) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  unsigned char* const q_s = smem;               // 3 grids of [128 queries][128 B]
+  unsigned char* const k_s = smem + kQBytes;     // [2 stages] 3 grids of [128 keys][128 B]
+  unsigned char* const v_s = k_s + 2 * kKBytes;  // [2 stages] 2 grids of [128 keys][128 B]
+
+  const int64_t per_tile = static_cast<int64_t>(p.num_seqs) * p.num_heads;
+  const int64_t linear = blockIdx.x;
+  const int tile = num_q_tiles - 1 - static_cast<int>(linear / per_tile);
+  const int rem = static_cast<int>(linear % per_tile);
+  const int n = rem / p.num_heads, h = rem % p.num_heads;
+
+  const int q_bos = p.cu_seqlens_q[n];
+  const int len_q = p.cu_seqlens_q[n + 1] - q_bos;
+  const int k_bos = p.cu_seqlens_k[n];
+  const int len_k = p.cu_seqlens_k[n + 1] - k_bos;
+  const int q0 = tile * kBlockM;
+  if (q0 >= len_q) return;
+  if ((kda_chunk::SmemAddr(smem) & 1023u) != 0) __trap();  // the swizzled grids need it
+  const int offset = len_k - len_q;  // position of local query 0 among the keys
+  const int rows_here = min(kBlockM, len_q - q0);
+  // Keys any valid query of the tile sees: 0 .. offset + q0 + rows_here − 1.
+  const int kv_end = max(0, min(len_k, offset + q0 + rows_here));
+  const int n_blocks = (kv_end + kBlockN - 1) / kBlockN;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wwarp = warp & 3;  // warpgroup, warp within it
+  const int g = lane >> 2, t = lane & 3;
+
+  const bf16* const q_base = p.q + static_cast<int64_t>(q_bos + q0) * p.q_token_stride +
+                             static_cast<int64_t>(h) * p.q_head_stride;
+  const bf16* const k_base = p.k + static_cast<int64_t>(k_bos) * p.k_token_stride +
+                             static_cast<int64_t>(h) * p.k_head_stride;
+  const bf16* const v_base = p.v + static_cast<int64_t>(k_bos) * p.v_token_stride +
+                             static_cast<int64_t>(h) * p.v_head_stride;
+
+  LoadSwizzled<kBlockM, kDqk>(q_s, q_base, p.q_token_stride, rows_here, tid);
+  if (n_blocks > 0) {
+    const int valid = min(kBlockN, kv_end);
+    LoadSwizzled<kBlockN, kDqk>(k_s, k_base, p.k_token_stride, valid, tid);
+    LoadSwizzled<kBlockN, kDv>(v_s, v_base, p.v_token_stride, valid, tid);
+  }
+  CpAsyncCommit();
+
+  // Descriptors (mla_wgmma.cuh). S: A = this warpgroup's 64 Q rows, B = the K block (both
+  // K-major). P·V: B = the V block, N-major (dv is the contiguous dimension), 2 grids of 64.
+  const uint64_t desc_q = SmemDescriptorSw128(q_s + wg * 64 * 128, 16, 1024);
+  const uint64_t desc_k = SmemDescriptorSw128(k_s, 16, 1024);
+  const uint64_t desc_v = SmemDescriptorSw128(v_s, kBlockN * 128, 1024);
+
+  const float scale_log2 = p.scale * kLog2e;
+  // Local query rows of this lane and the last key each may see.
+  const int row_lo = q0 + wg * 64 + wwarp * 16 + g, row_hi = row_lo + 8;
+  const int last_lo = offset + row_lo, last_hi = offset + row_hi;
+  const int wg_first_last = offset + q0 + wg * 64;  // last key of the warpgroup's first row
+  const int wg_last_last = wg_first_last + 63;      // ... of its last row
+
+  float o[64];  // O: rows (g, g + 8) of the warp's 16, dv columns 8j + 2t (+1): o[4j + ..]
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};
+  float l_run[2] = {0.f, 0.f};
+
+  // The two warpgroups take turns issuing their MMAs (named barriers 1 and 2; each turn is
+  // passed on once the MMAs are issued), so one's softmax runs under the other's MMAs.
+  const auto take_turn = [&] { kda_chunk::NamedBarrierSync(1 + wg, kThreads); };
+  const auto pass_turn = [&] { kda_chunk::NamedBarrierArrive(2 - wg, kThreads); };
+  if (wg == 1) pass_turn();  // warpgroup 0 goes first
+
+  for (int j = 0; j < n_blocks; ++j) {
+    CpAsyncWait<0>();  // block j (and, at j = 0, Q) has landed for this thread
+    FenceProxyAsync();
+    __syncthreads();  // ... for every thread and for wgmma; block j − 1's buffers are free
+    if (j + 1 < n_blocks) {
+      const int buf = (j + 1) & 1;
+      const int key0 = (j + 1) * kBlockN;
+      const int valid = min(kBlockN, kv_end - key0);
+      LoadSwizzled<kBlockN, kDqk>(k_s + buf * kKBytes, k_base + key0 * p.k_token_stride,
+                                  p.k_token_stride, valid, tid);
+      LoadSwizzled<kBlockN, kDv>(v_s + buf * kVBytes, v_base + key0 * p.v_token_stride,
+                                 p.v_token_stride, valid, tid);
+    }
+    CpAsyncCommit();
+
+    const int key0 = j * kBlockN;
+    if (key0 > wg_last_last) {  // above the diagonal for all 64 rows: only the turns
+      take_turn();
+      pass_turn();
+      take_turn();
+      pass_turn();
+      continue;
+    }
+
+    // S = Q·Kᵀ for 64 rows × 128 keys.
+    float s[64];
+    take_turn();
+    WgmmaFence();
+#pragma unroll
+    for (int ks = 0; ks < kDqk / 16; ++ks) {
+      const uint32_t at = (ks >> 2) * (kBlockM * 128) + (ks & 3) * 32;
+      const uint32_t bt = (j & 1) * kKBytes + (ks >> 2) * (kBlockN * 128) + (ks & 3) * 32;
+      WgmmaBf16M64N128(s, AdvanceDescriptor(desc_q, at), AdvanceDescriptor(desc_k, bt), ks > 0);
+    }
+    WgmmaCommit();
+    pass_turn();
+    WgmmaWait<0>();
+    FenceAccumulators(s);
+
+    // Scale into the exp2 domain; mask keys past each row's position (only on blocks that reach
+    // past the warpgroup's first row).
+    const bool masked = key0 + kBlockN - 1 > wg_first_last;
+#pragma unroll
+    for (int jj = 0; jj < 16; ++jj) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = key0 + jj * 8 + 2 * t + e;
+        s[4 * jj + e] *= scale_log2;
+        s[4 * jj + 2 + e] *= scale_log2;
+        if (masked) {
+          if (key > last_lo) s[4 * jj + e] = -INFINITY;
+          if (key > last_hi) s[4 * jj + 2 + e] = -INFINITY;
+        }
+      }
+    }
+
+    // Online softmax, rows g (r = 0) and g + 8 (r = 1).
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int jj = 0; jj < 16; ++jj) {
+        mx = fmaxf(mx, fmaxf(s[4 * jj + 2 * r], s[4 * jj + 2 * r + 1]));
+      }
+      mx = WarpMaxXor(mx, 4);
+      const float m_new = fmaxf(m_run[r], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+      const float alpha = exp2f(m_run[r] - m_use);
+      m_run[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int jj = 0; jj < 16; ++jj) {
+        s[4 * jj + 2 * r] = exp2f(s[4 * jj + 2 * r] - m_use);
+        s[4 * jj + 2 * r + 1] = exp2f(s[4 * jj + 2 * r + 1] - m_use);
+        sum += s[4 * jj + 2 * r] + s[4 * jj + 2 * r + 1];
+      }
+      l_run[r] = l_run[r] * alpha + sum;  // per-lane partial; reduced over the row at the end
+#pragma unroll
+      for (int jj = 0; jj < 16; ++jj) {
+        o[4 * jj + 2 * r] *= alpha;
+        o[4 * jj + 2 * r + 1] *= alpha;
+      }
+    }
+
+    // O += P·V: the S accumulators of n8 tiles 2kk, 2kk + 1 are the A fragment of step kk.
+    uint32_t pa[kBlockN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      pa[kk][0] = PackBf16x2(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = PackBf16x2(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = PackBf16x2(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = PackBf16x2(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    take_turn();
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      WgmmaBf16M64N128RegA<1>(o, pa[kk], AdvanceDescriptor(desc_v, (j & 1) * kVBytes + kk * 2048),
+                              true);
+    }
+    WgmmaCommit();
+    pass_turn();
+    WgmmaWait<0>();
+    FenceAccumulators(o);
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) FenceRegisters(pa[kk]);
+  }
+  if (wg == 0) take_turn();  // warpgroup 1's last pass: every arrival is consumed
+  CpAsyncWait<0>();
+
+  // Normalize and store the valid rows.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = WarpSumXor(l_run[r], 4);
+    const float inv = l > 0.f ? 1.f / l : 0.f;  // 0: a query that sees no key
+    const int row = r == 0 ? row_lo : row_hi;
+    if (row >= len_q) continue;
+    bf16* const dst = p.out + (static_cast<int64_t>(q_bos + row) * p.num_heads + h) * kDv + 2 * t;
+#pragma unroll
+    for (int jj = 0; jj < 16; ++jj) {
+      *reinterpret_cast<uint32_t*>(dst + jj * 8) =
+          PackBf16x2(o[4 * jj + 2 * r] * inv, o[4 * jj + 2 * r + 1] * inv);
+    }
+  }
+}
+
+}  // namespace wg
+
 bool Aligned(const void* ptr, size_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+// Raises `kernel`'s shared-memory limit once per device (bit d of *configured), so launches
+// captured into a CUDA graph after a warm-up make no attribute calls, then launches it.
+template <class Kernel>
+cudaError_t LaunchConfigured(Kernel kernel, std::atomic<uint64_t>* configured, int smem_bytes,
+                             const MlaPrefillParams& p, int num_q_tiles, int64_t blocks,
+                             cudaStream_t stream) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device >= 0 && device < 64 ? (uint64_t{1} << device) : 0;
+  if (bit == 0 || (configured->load(std::memory_order_acquire) & bit) == 0) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
+    configured->fetch_or(bit, std::memory_order_acq_rel);
+  }
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(p, num_q_tiles);
+  return cudaGetLastError();
 }
 
 template <class C>
 cudaError_t LaunchPrefill(const MlaPrefillParams& p, int num_q_tiles, int64_t blocks,
                           cudaStream_t stream) {
-  // The shared-memory limit is raised once per device (bit d), so launches captured into a CUDA
-  // graph after a warm-up make no attribute calls.
   static std::atomic<uint64_t> configured{0};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = device >= 0 && device < 64 ? (uint64_t{1} << device) : 0;
-  if (bit == 0 || (configured.load(std::memory_order_acquire) & bit) == 0) {
-    err = cudaFuncSetAttribute(MlaPrefillKernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               C::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    configured.fetch_or(bit, std::memory_order_acq_rel);
-  }
-  MlaPrefillKernel<C>
-      <<<static_cast<unsigned>(blocks), kThreads, C::kSmemBytes, stream>>>(p, num_q_tiles);
-  return cudaGetLastError();
+  return LaunchConfigured(MlaPrefillKernel<C>, &configured, C::kSmemBytes, p, num_q_tiles, blocks,
+                          stream);
+}
+
+cudaError_t LaunchPrefillWgmma(const MlaPrefillParams& p, int num_q_tiles, int64_t blocks,
+                               cudaStream_t stream) {
+  static std::atomic<uint64_t> configured{0};
+  static_assert(wg::kThreads == kThreads);
+  return LaunchConfigured(wg::MlaPrefillWgmmaKernel, &configured, wg::kSmemBytes, p, num_q_tiles,
+                          blocks, stream);
 }
 
 }  // namespace
@@ -309,7 +567,7 @@ cudaError_t LaunchMlaPrefill(const MlaPrefillParams& params, cudaStream_t stream
   const int64_t blocks = static_cast<int64_t>(num_q_tiles) * p.num_seqs * p.num_heads;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
   return model_dims
-             ? mla::LaunchPrefill<mla::PrefillConfig<192, 128>>(p, num_q_tiles, blocks, stream)
+             ? mla::LaunchPrefillWgmma(p, num_q_tiles, blocks, stream)
              : mla::LaunchPrefill<mla::PrefillConfig<48, 32>>(p, num_q_tiles, blocks, stream);
 }
 
