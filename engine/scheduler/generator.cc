@@ -113,33 +113,57 @@ absl::StatusOr<GenerateResult> Generate(Backend& backend, BackendState* state,
   GenerateResult result;
   result.prompt_tokens = static_cast<int64_t>(prompt.size());
   std::vector<float> logits(config.vocab_size);
+  // Feeds `tokens` and draws the next token from the logits of the last one. With an observer
+  // the logits come to the host (Forward) and are drawn from here; otherwise the backend draws
+  // where the logits are (ForwardSample: the CUDA backend copies back only the token). Either
+  // way the draw is SampleReference's with counter = the drawn token's position.
+  const auto feed_and_draw = [&](std::span<const int32_t> tokens) -> absl::StatusOr<int32_t> {
+    SequenceInput input{tokens, state};
+    int32_t token = -1;
+    if (options.observe_logits) {
+      KLS_RETURN_IF_ERROR(backend.Forward({&input, 1}, logits));
+      options.observe_logits(logits);
+      if (kernels::SamplableLogits(logits.data(), static_cast<int64_t>(logits.size()))) {
+        token = kernels::SampleReference(logits.data(), config.vocab_size, options.sampler,
+                                         static_cast<uint64_t>(state->num_tokens()));
+      }
+    } else {
+      const SampleRequest request{options.sampler,
+                                  static_cast<uint64_t>(state->num_tokens()) + tokens.size()};
+      KLS_RETURN_IF_ERROR(backend.ForwardSample({&input, 1}, {&request, 1}, {&token, 1}));
+    }
+    // A NaN or all -inf row means the forward pass broke; never turn it into a token.
+    if (token < 0) {
+      return absl::InternalError(absl::StrCat("the logits at position ", state->num_tokens(),
+                                              " contain NaN or no finite value"));
+    }
+    return token;
+  };
+
   const auto t0 = std::chrono::steady_clock::now();
+  absl::StatusOr<int32_t> token;
   for (size_t begin = 0; begin < prompt.size(); begin += options.prefill_chunk_tokens) {
     const size_t len =
         std::min(prompt.size() - begin, static_cast<size_t>(options.prefill_chunk_tokens));
-    SequenceInput input{prompt.subspan(begin, len), state};
-    KLS_RETURN_IF_ERROR(backend.Forward({&input, 1}, logits));
+    if (begin + len < prompt.size()) {  // an inner chunk: its logits are not needed
+      SequenceInput input{prompt.subspan(begin, len), state};
+      KLS_RETURN_IF_ERROR(backend.Forward({&input, 1}, logits));
+    } else {
+      token = feed_and_draw(prompt.subspan(begin, len));
+    }
   }
   result.prefill_seconds = SecondsSince(t0);
 
   const auto t1 = std::chrono::steady_clock::now();
   while (true) {
-    if (options.observe_logits) options.observe_logits(logits);
-    // A NaN or all -inf row means the forward pass broke; never turn it into a token.
-    if (!kernels::SamplableLogits(logits.data(), static_cast<int64_t>(logits.size()))) {
-      return absl::InternalError(absl::StrCat("the logits at position ", state->num_tokens(),
-                                              " contain NaN or no finite value"));
-    }
-    const int32_t token =
-        kernels::SampleReference(logits.data(), config.vocab_size, options.sampler,
-                                 static_cast<uint64_t>(state->num_tokens()));
-    result.tokens.push_back(token);
-    result.pending_token = token;
-    if (on_token && !on_token(token)) {
+    if (!token.ok()) return token.status();
+    result.tokens.push_back(*token);
+    result.pending_token = *token;
+    if (on_token && !on_token(*token)) {
       result.finish = FinishReason::kCancelled;
       break;
     }
-    if (std::find(options.stop_token_ids.begin(), options.stop_token_ids.end(), token) !=
+    if (std::find(options.stop_token_ids.begin(), options.stop_token_ids.end(), *token) !=
         options.stop_token_ids.end()) {
       result.finish = FinishReason::kStop;
       break;
@@ -150,8 +174,7 @@ absl::StatusOr<GenerateResult> Generate(Backend& backend, BackendState* state,
       result.finish = FinishReason::kLength;
       break;
     }
-    SequenceInput input{std::span<const int32_t>(&result.tokens.back(), 1), state};
-    KLS_RETURN_IF_ERROR(backend.Forward({&input, 1}, logits));
+    token = feed_and_draw(std::span<const int32_t>(&result.tokens.back(), 1));
   }
   result.decode_seconds = SecondsSince(t1);
   return result;

@@ -47,7 +47,7 @@ struct GenerateOptions {
   std::vector<int32_t> stop_token_ids;  // a sampled stop token ends the turn (and is returned)
   int prefill_chunk_tokens = 1024;      // prefill in pieces of at most this many tokens
   // If set, sees the logits [vocab] each token is drawn from, before the draw (for dumps and
-  // golden comparisons).
+  // golden comparisons); the logits then come to the host for every token.
   std::function<void(std::span<const float>)> observe_logits;
 };
 
@@ -66,9 +66,12 @@ struct GenerateResult {
 // feeding each one except the last back into the state. `on_token` sees each sampled token as
 // it is drawn; returning false stops the turn (kCancelled). The n-th draw uses sampler counter
 // = the token's position in the session, so the same seed and history give the same tokens.
-// Errors: INVALID_ARGUMENT for bad options, an empty prompt, ids outside the vocabulary or a
-// prompt that leaves no position for a generated token within the context limit — all checked
-// before the state changes; INTERNAL if the logits hold NaN or no finite value.
+// Each draw happens in the backend (Backend::ForwardSample; the CUDA backend samples on the GPU
+// and copies back only the token) unless options.observe_logits wants the logits on the host,
+// which then draws the same token there. Errors: INVALID_ARGUMENT for bad options, an empty prompt,
+// ids outside the vocabulary or a prompt that leaves no position for a generated token within the
+// context limit — all checked before the state changes; INTERNAL if the logits hold NaN or no
+// finite value.
 absl::StatusOr<GenerateResult> Generate(Backend& backend, BackendState* state,
                                         std::span<const int32_t> prompt,
                                         const GenerateOptions& options,

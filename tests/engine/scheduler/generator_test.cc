@@ -36,6 +36,79 @@ GenerateResult RunTurn(Backend& backend, BackendState* state, const std::vector<
   return r.ok() ? *r : GenerateResult{};
 }
 
+// Forwards to a CPU backend and counts the forward calls of each kind.
+class CountingBackend : public Backend {
+ public:
+  explicit CountingBackend(std::unique_ptr<CpuBackend> inner) : inner_(std::move(inner)) {}
+  absl::StatusOr<std::unique_ptr<BackendState>> NewState() override { return inner_->NewState(); }
+  absl::StatusOr<std::unique_ptr<BackendState>> CloneState(const BackendState& s) override {
+    return inner_->CloneState(s);
+  }
+  absl::StatusOr<std::unique_ptr<BackendState>> ImportState(const SessionState& host) override {
+    return inner_->ImportState(host);
+  }
+  absl::Status ExportState(const BackendState& s, int64_t first, SessionState* host) override {
+    return inner_->ExportState(s, first, host);
+  }
+  absl::StatusOr<std::unique_ptr<StateCheckpoint>> Checkpoint(const BackendState& s) override {
+    return inner_->Checkpoint(s);
+  }
+  absl::Status Rollback(const StateCheckpoint& c, BackendState* s) override {
+    return inner_->Rollback(c, s);
+  }
+  absl::Status Forward(std::span<const SequenceInput> batch, std::span<float> logits) override {
+    ++forward_calls;
+    return inner_->Forward(batch, logits);
+  }
+  absl::Status ForwardSample(std::span<const SequenceInput> batch,
+                             std::span<const SampleRequest> requests,
+                             std::span<int32_t> tokens) override {
+    ++forward_sample_calls;
+    return inner_->ForwardSample(batch, requests, tokens);
+  }
+  const ModelConfig& config() const override { return inner_->config(); }
+  std::string_view name() const override { return "counting"; }
+
+  int forward_calls = 0;
+  int forward_sample_calls = 0;
+
+ private:
+  std::unique_ptr<CpuBackend> inner_;
+};
+
+// Without a logits observer every token is drawn by the backend where the logits are
+// (ForwardSample: on the GPU for the CUDA backend); with one, the logits come to the host and
+// are drawn there. Both draw the same tokens.
+TEST(GeneratorTest, DrawsInTheBackendUnlessTheLogitsAreObserved) {
+  CountingBackend backend(MakeBackend());
+  GenerateOptions options;
+  options.sampler = {0.8f, 0.9f, 40, 77};
+  options.max_tokens = 12;
+  options.prefill_chunk_tokens = 3;
+  const std::vector<int32_t> prompt = Prompt();
+  const int inner_chunks = static_cast<int>((prompt.size() + 2) / 3) - 1;
+  std::unique_ptr<BackendState> s1 = NewState(backend);
+  std::unique_ptr<BackendState> s2 = NewState(backend);
+
+  GenerateResult in_backend = RunTurn(backend, s1.get(), prompt, options);
+  ASSERT_EQ(in_backend.tokens.size(), 12u);
+  EXPECT_EQ(backend.forward_sample_calls, 12) << "the last prompt chunk, then 11 fed tokens";
+  EXPECT_EQ(backend.forward_calls, inner_chunks) << "only the inner prompt chunks";
+
+  backend.forward_calls = backend.forward_sample_calls = 0;
+  int observed = 0;
+  options.observe_logits = [&](std::span<const float> logits) {
+    EXPECT_EQ(logits.size(), static_cast<size_t>(backend.config().vocab_size));
+    ++observed;
+  };
+  GenerateResult on_host = RunTurn(backend, s2.get(), prompt, options);
+  EXPECT_EQ(backend.forward_sample_calls, 0);
+  EXPECT_EQ(backend.forward_calls, inner_chunks + 12);
+  EXPECT_EQ(observed, 12);
+  EXPECT_EQ(on_host.tokens, in_backend.tokens);
+  EXPECT_EQ(s1->num_tokens(), s2->num_tokens());
+}
+
 TEST(GeneratorTest, SameSeedSameTokens) {
   auto backend = MakeBackend();
   GenerateOptions options;
@@ -210,6 +283,13 @@ TEST(GeneratorTest, NanLogitsAreAnInternalError) {
   ASSERT_TRUE(backend.ok());
   std::unique_ptr<BackendState> state = NewState(**backend);
   absl::StatusOr<GenerateResult> r = Generate(**backend, state.get(), Prompt(), GenerateOptions{});
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(absl::IsInternal(r.status())) << r.status();
+  // The same when the logits come to the host for an observer.
+  GenerateOptions observed;
+  observed.observe_logits = [](std::span<const float>) {};
+  std::unique_ptr<BackendState> state2 = NewState(**backend);
+  r = Generate(**backend, state2.get(), Prompt(), observed);
   ASSERT_FALSE(r.ok());
   EXPECT_TRUE(absl::IsInternal(r.status())) << r.status();
 }
