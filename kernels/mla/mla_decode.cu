@@ -146,15 +146,13 @@ __device__ __forceinline__ void ArmTile(uint64_t* bar, int* loaded_s, int row, i
   __syncwarp();
 }
 
-// Warp 0 issues the TMA boxes (16 rows × 64 channels) of the loaded blocks for the 64-channel
-// grids [column0, column1) of a tile.
+// Warp 0 issues the TMA boxes (16 rows × 64 channels) of a tile's loaded blocks, every
+// 64-channel grid.
 template <class C>
-__device__ __forceinline__ void IssueColumns(const DecodeArgs& a, unsigned char* tile_s,
-                                             uint64_t* bar, const int (&rows)[kBoxesPerColumn],
-                                             int column0, int column1, int lane) {
-  const int columns = column1 - column0;
-  for (int box = lane; box < kBoxesPerColumn * columns; box += 32) {
-    const int block = box / columns, column = column0 + box - block * columns;
+__device__ __forceinline__ void IssueTile(const DecodeArgs& a, unsigned char* tile_s, uint64_t* bar,
+                                          const int (&rows)[kBoxesPerColumn], int lane) {
+  for (int box = lane; box < kBoxesPerColumn * C::kColumns; box += 32) {
+    const int block = box / C::kColumns, column = box - block * C::kColumns;
     int r = rows[0];
 #pragma unroll
     for (int k = 1; k < kBoxesPerColumn; ++k) r = block == k ? rows[k] : r;
@@ -240,7 +238,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
         int rows[kBoxesPerColumn];
         ArmTile<C>(bars + st, loaded_s + st,
                    BlockRow(p, table, start + st * kTileTokens, end, lane), lane, rows);
-        IssueColumns<C>(a, tile_s + st * C::kTileBytes, bars + st, rows, 0, C::kColumns, lane);
+        IssueTile<C>(a, tile_s + st * C::kTileBytes, bars + st, rows, lane);
       }
     }
   }
@@ -385,7 +383,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
       int rows[kBoxesPerColumn];
       ArmTile<C>(bars + stage, loaded_s + stage,
                  BlockRow(p, table, tok0 + kStages * kTileTokens, end, lane), lane, rows);
-      IssueColumns<C>(a, tile, bars + stage, rows, 0, C::kColumns, lane);
+      IssueTile<C>(a, tile, bars + stage, rows, lane);
     }
   }
 
