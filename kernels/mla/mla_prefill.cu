@@ -82,6 +82,43 @@ __device__ __forceinline__ void LoadRows(bf16* dst, const bf16* base, int64_t st
   }
 }
 
+// The work of this CTA: sequence n, head h, query tile [q0, q0 + rows_here) of its len_q
+// queries, and the keys 0 .. kv_end − 1 they see, in n_blocks blocks of block_n. The 1-D grid
+// runs the query tiles in descending order (head fastest, then sequence). `valid` is false when
+// the tile starts past the sequence's queries (nothing to do).
+struct PrefillTile {
+  bool valid = false;
+  int h = 0;
+  int q_bos = 0, len_q = 0, k_bos = 0, len_k = 0;
+  int q0 = 0, rows_here = 0;
+  int offset = 0;  // position of local query 0 among the keys
+  int kv_end = 0, n_blocks = 0;
+};
+
+__device__ __forceinline__ PrefillTile LocatePrefillTile(const MlaPrefillParams& p, int num_q_tiles,
+                                                         int block_n) {
+  PrefillTile w;
+  const int64_t per_tile = static_cast<int64_t>(p.num_seqs) * p.num_heads;
+  const int64_t linear = blockIdx.x;
+  const int tile = num_q_tiles - 1 - static_cast<int>(linear / per_tile);
+  const int rem = static_cast<int>(linear % per_tile);
+  const int n = rem / p.num_heads;
+  w.h = rem % p.num_heads;
+  w.q_bos = p.cu_seqlens_q[n];
+  w.len_q = p.cu_seqlens_q[n + 1] - w.q_bos;
+  w.k_bos = p.cu_seqlens_k[n];
+  w.len_k = p.cu_seqlens_k[n + 1] - w.k_bos;
+  w.q0 = tile * kBlockM;
+  if (w.q0 >= w.len_q) return w;
+  w.valid = true;
+  w.offset = w.len_k - w.len_q;
+  w.rows_here = min(kBlockM, w.len_q - w.q0);
+  // Keys any valid query of the tile sees: 0 .. offset + q0 + rows_here − 1.
+  w.kv_end = max(0, min(w.len_k, w.offset + w.q0 + w.rows_here));
+  w.n_blocks = (w.kv_end + block_n - 1) / block_n;
+  return w;
+}
+
 template <class C>
 __global__ void __launch_bounds__(kThreads, 1)
     MlaPrefillKernel(const __grid_constant__ MlaPrefillParams p, const int num_q_tiles) {
@@ -90,23 +127,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   bf16* const ks = qs + C::kQElems;                // [2][kBlockN][kQkStride]
   bf16* const vs = ks + 2 * C::kKElems;            // [2][kBlockN][kVStride]
 
-  const int64_t per_tile = static_cast<int64_t>(p.num_seqs) * p.num_heads;
-  const int64_t linear = blockIdx.x;
-  const int tile = num_q_tiles - 1 - static_cast<int>(linear / per_tile);
-  const int rem = static_cast<int>(linear % per_tile);
-  const int n = rem / p.num_heads, h = rem % p.num_heads;
-
-  const int q_bos = p.cu_seqlens_q[n];
-  const int len_q = p.cu_seqlens_q[n + 1] - q_bos;
-  const int k_bos = p.cu_seqlens_k[n];
-  const int len_k = p.cu_seqlens_k[n + 1] - k_bos;
-  const int q0 = tile * kBlockM;
-  if (q0 >= len_q) return;
-  const int offset = len_k - len_q;  // position of local query 0 among the keys
-  const int rows_here = min(kBlockM, len_q - q0);
-  // Keys any valid query of the tile sees: 0 .. offset + q0 + rows_here − 1.
-  const int kv_end = max(0, min(len_k, offset + q0 + rows_here));
-  const int n_blocks = (kv_end + kBlockN - 1) / kBlockN;
+  const PrefillTile w = LocatePrefillTile(p, num_q_tiles, kBlockN);
+  if (!w.valid) return;
+  const int h = w.h, q_bos = w.q_bos, len_q = w.len_q, q0 = w.q0, rows_here = w.rows_here;
+  const int offset = w.offset, kv_end = w.kv_end, n_blocks = w.n_blocks;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31, warp = tid >> 5;
@@ -114,9 +138,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const bf16* const q_base = p.q + static_cast<int64_t>(q_bos + q0) * p.q_token_stride +
                              static_cast<int64_t>(h) * p.q_head_stride;
-  const bf16* const k_base = p.k + static_cast<int64_t>(k_bos) * p.k_token_stride +
+  const bf16* const k_base = p.k + static_cast<int64_t>(w.k_bos) * p.k_token_stride +
                              static_cast<int64_t>(h) * p.k_head_stride;
-  const bf16* const v_base = p.v + static_cast<int64_t>(k_bos) * p.v_token_stride +
+  const bf16* const v_base = p.v + static_cast<int64_t>(w.k_bos) * p.v_token_stride +
                              static_cast<int64_t>(h) * p.v_head_stride;
 
   LoadRows<kBlockM, C::kDqk, C::kQkStride>(qs, q_base, p.q_token_stride, rows_here, tid);
@@ -308,24 +332,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned char* const k_s = smem + kQBytes;     // [2 stages] 3 grids of [128 keys][128 B]
   unsigned char* const v_s = k_s + 2 * kKBytes;  // [2 stages] 2 grids of [128 keys][128 B]
 
-  const int64_t per_tile = static_cast<int64_t>(p.num_seqs) * p.num_heads;
-  const int64_t linear = blockIdx.x;
-  const int tile = num_q_tiles - 1 - static_cast<int>(linear / per_tile);
-  const int rem = static_cast<int>(linear % per_tile);
-  const int n = rem / p.num_heads, h = rem % p.num_heads;
-
-  const int q_bos = p.cu_seqlens_q[n];
-  const int len_q = p.cu_seqlens_q[n + 1] - q_bos;
-  const int k_bos = p.cu_seqlens_k[n];
-  const int len_k = p.cu_seqlens_k[n + 1] - k_bos;
-  const int q0 = tile * kBlockM;
-  if (q0 >= len_q) return;
+  const PrefillTile w = LocatePrefillTile(p, num_q_tiles, kBlockN);
+  if (!w.valid) return;
+  const int h = w.h, q_bos = w.q_bos, len_q = w.len_q, q0 = w.q0, rows_here = w.rows_here;
+  const int offset = w.offset, kv_end = w.kv_end, n_blocks = w.n_blocks;
   if ((kda_chunk::SmemAddr(smem) & 1023u) != 0) __trap();  // the swizzled grids need it
-  const int offset = len_k - len_q;  // position of local query 0 among the keys
-  const int rows_here = min(kBlockM, len_q - q0);
-  // Keys any valid query of the tile sees: 0 .. offset + q0 + rows_here − 1.
-  const int kv_end = max(0, min(len_k, offset + q0 + rows_here));
-  const int n_blocks = (kv_end + kBlockN - 1) / kBlockN;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31, warp = tid >> 5;
@@ -334,9 +345,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const bf16* const q_base = p.q + static_cast<int64_t>(q_bos + q0) * p.q_token_stride +
                              static_cast<int64_t>(h) * p.q_head_stride;
-  const bf16* const k_base = p.k + static_cast<int64_t>(k_bos) * p.k_token_stride +
+  const bf16* const k_base = p.k + static_cast<int64_t>(w.k_bos) * p.k_token_stride +
                              static_cast<int64_t>(h) * p.k_head_stride;
-  const bf16* const v_base = p.v + static_cast<int64_t>(k_bos) * p.v_token_stride +
+  const bf16* const v_base = p.v + static_cast<int64_t>(w.k_bos) * p.v_token_stride +
                              static_cast<int64_t>(h) * p.v_head_stride;
 
   LoadSwizzled<kBlockM, kDqk>(q_s, q_base, p.q_token_stride, rows_here, tid);
