@@ -100,9 +100,11 @@ size_t MlaDecodeWorkspaceBytes(const MlaDecodeParams& params);
 // max_seq_len < 0, max_pages_per_seq < 1, max_pages_per_seq·page_size ≥ 2³¹, num_pages < 1,
 // num_pages·page_size ≥ 2³¹ (the pool is one TMA tensor of int32-indexed rows),
 // num_splits < 0 or > 1024, a non-finite scale, null pointers, misaligned pointers (cache_pages
-// and out_latent 16 bytes, q_latent and q_pe 4 bytes) or a short workspace. Device data is
-// clamped, never trusted for addressing: seq_lens to [0, max_pages_per_seq·page_size]; rows in a
-// page with an id outside [0, num_pages) read as zeros. A sequence with seq_lens 0 gets zeros.
+// and out_latent 16 bytes, q_latent and q_pe 4 bytes) or a short workspace;
+// cudaErrorNotSupported when the driver offers no cuTensorMapEncodeTiled (the kernel loads the
+// pool by TMA). Device data is clamped, never trusted for addressing: seq_lens to
+// [0, max_pages_per_seq·page_size]; rows in a page with an id outside [0, num_pages) read as
+// zeros. A sequence with seq_lens 0 gets zeros.
 cudaError_t LaunchMlaDecode(const MlaDecodeParams& params, void* workspace, size_t workspace_bytes,
                             cudaStream_t stream);
 
