@@ -70,11 +70,10 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kTileTokens = 64;  // the M of the QKᵀ warpgroup MMA
 constexpr int kBoxTokens = 16;   // rows of one TMA box: never crosses a page (sizes % 16 == 0)
 constexpr int kBoxesPerColumn = kTileTokens / kBoxTokens;
-// Tile buffers per CTA. One, at two CTAs per SM, so that one CTA's MMAs and softmax overlap the
+// One tile buffer per CTA and two CTAs per SM, so that one CTA's MMAs and softmax overlap the
 // other's loads; two buffers at one CTA per SM (loads two tiles ahead) measured slower: 61% vs
 // 79% of copy at B = 1, L = 1M on an H200.
-constexpr int kStages = 1;
-constexpr int kCtasPerSm = kStages == 1 ? 2 : 1;
+constexpr int kCtasPerSm = 2;
 constexpr int kMaxSplits = 1024;
 constexpr int kSplitOverheadTokens = 128;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -100,15 +99,14 @@ struct DecodeConfig {
   static constexpr int kQBytes = kColumns * kQColumnBytes;
   static constexpr int kPBytes = kHeads * 128;  // Pᵀ: a head's 64 tokens fill one 128-byte row
   static constexpr int kRedBytes = kWarps * kHeads * 4;
-  static constexpr int kSmemBytes =
-      kStages * kTileBytes + kQBytes + kPBytes + kRedBytes + 16 * kStages;
+  static constexpr int kSmemBytes = kTileBytes + kQBytes + kPBytes + kRedBytes + 16;
   static constexpr int kOutStride = kDc + 4;  // fp32, padded: conflict-free transposed writes
 
   static_assert(kHeads == 16 || kHeads == 32);
   static_assert(kDk % 16 == 0 && kDc % 64 == 0 && kDr > 0 && kDk * 2 % 16 == 0);
   static_assert(kTileBytes % 1024 == 0 && kQBytes % 1024 == 0 && kPBytes % 1024 == 0);
   static_assert(kHeads * kOutStride * 4 <= kTileBytes);  // the output transpose reuses the tile
-  static_assert(kSmemBytes <= (kCtasPerSm == 2 ? 113 : 227) * 1024);
+  static_assert(kSmemBytes <= 113 * 1024);               // two CTAs per SM
 };
 
 struct DecodeArgs {
@@ -129,7 +127,7 @@ __device__ __forceinline__ int BlockRow(const MlaDecodeParams& p, const int32_t*
   return page >= 0 && page < p.num_pages ? page * p.page_size + tok % p.page_size : -1;
 }
 
-// Warp 0 arms the stage's barrier for the tile whose block rows `row` (lanes 0..3, BlockRow)
+// Warp 0 arms the tile's barrier for the tile whose block rows `row` (lanes 0..3, BlockRow)
 // holds: the bitmask of loaded blocks goes to *loaded_s (published by lane 0's arrival, read
 // after the wait) and the barrier expects exactly their bytes. Returns the four rows in every
 // lane.
@@ -167,12 +165,12 @@ template <class C>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     MlaDecodeSplitKernel(const __grid_constant__ DecodeArgs a) {
   extern __shared__ __align__(1024) unsigned char smem[];
-  unsigned char* const tile_s = smem;  // [columns][64 tokens][128 B], swizzled
-  unsigned char* const q_s = smem + kStages * C::kTileBytes;  // [columns][heads][128 B]
-  unsigned char* const p_s = q_s + C::kQBytes;                // Pᵀ [heads][64 tokens], swizzled
+  unsigned char* const tile_s = smem;               // [columns][64 tokens][128 B], swizzled
+  unsigned char* const q_s = smem + C::kTileBytes;  // [columns][heads][128 B]
+  unsigned char* const p_s = q_s + C::kQBytes;      // Pᵀ [heads][64 tokens], swizzled
   float* const red_s = reinterpret_cast<float*>(p_s + C::kPBytes);  // [warps][heads]
-  uint64_t* const bars = reinterpret_cast<uint64_t*>(p_s + C::kPBytes + C::kRedBytes);
-  int* const loaded_s = reinterpret_cast<int*>(bars + kStages);
+  uint64_t* const bar = reinterpret_cast<uint64_t*>(p_s + C::kPBytes + C::kRedBytes);
+  int* const loaded_s = reinterpret_cast<int*>(bar + 1);
 
   const MlaDecodeParams& p = a.p;
   const int split = static_cast<int>(blockIdx.x);
@@ -217,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   const int32_t* const table = p.block_table + static_cast<int64_t>(b) * p.max_pages_per_seq;
   const int num_tiles = static_cast<int>(CeilDiv(end - start, kTileTokens));
 
-  if (tid < kStages) MbarrierInit(bars + tid, 1);
+  if (tid == 0) MbarrierInit(bar, 1);
   // Query rows into their swizzled grids (4-byte copies: the rows are only 4-byte aligned);
   // padded heads are zero-filled.
   for (int i = tid; i < C::kHeads * C::kDk / 2; i += kThreads) {
@@ -231,16 +229,10 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   }
   kda_chunk::CpAsyncCommit();
   __syncthreads();  // the barrier is initialized
-  if (warp == 0) {
-#pragma unroll
-    for (int st = 0; st < kStages; ++st) {
-      if (st < num_tiles) {
-        int rows[kBoxesPerColumn];
-        ArmTile<C>(bars + st, loaded_s + st,
-                   BlockRow(p, table, start + st * kTileTokens, end, lane), lane, rows);
-        IssueTile<C>(a, tile_s + st * C::kTileBytes, bars + st, rows, lane);
-      }
-    }
+  if (warp == 0 && num_tiles > 0) {
+    int rows[kBoxesPerColumn];
+    ArmTile<C>(bar, loaded_s, BlockRow(p, table, start, end, lane), lane, rows);
+    IssueTile<C>(a, tile_s, bar, rows, lane);
   }
   kda_chunk::CpAsyncWaitAll();
 
@@ -271,17 +263,15 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   for (int it = 0; it < num_tiles; ++it) {
     const int tok0 = start + it * kTileTokens;
     const int valid = end - tok0;  // ≥ 1: the tile starts inside the range
-    const int stage = kStages == 1 ? 0 : it % kStages;
-    unsigned char* const tile = tile_s + stage * C::kTileBytes;
-    MbarrierWait(bars + stage, (it / kStages) & 1);
+    MbarrierWait(bar, it & 1);
     // Rows past the range, or of blocks not loaded (outside the pool), become zeros: their P is 0
     // and 0·garbage could be NaN.
-    const int loaded = loaded_s[stage];
+    const int loaded = *loaded_s;
     if (valid < kTileTokens || loaded != (1 << kBoxesPerColumn) - 1) {
       for (int i = tid; i < kTileTokens * C::kColumns * 8; i += kThreads) {
         const int r = i / (C::kColumns * 8), rest = i - r * (C::kColumns * 8);
         if (r < valid && ((loaded >> (r / kBoxTokens)) & 1)) continue;
-        *reinterpret_cast<uint4*>(tile + (rest >> 3) * C::kTileColumnBytes + r * 128 +
+        *reinterpret_cast<uint4*>(tile_s + (rest >> 3) * C::kTileColumnBytes + r * 128 +
                                   (rest & 7) * 16) = make_uint4(0u, 0u, 0u, 0u);
       }
     }
@@ -296,10 +286,9 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
 #pragma unroll
     for (int ks = 0; ks < C::kKSteps; ++ks) {
       const int column = ks / 4, within = (ks % 4) * 32;
-      WgmmaBf16<C::kHeads, 0>(
-          s,
-          AdvanceDescriptor(desc_k, stage * C::kTileBytes + column * C::kTileColumnBytes + within),
-          AdvanceDescriptor(desc_q, column * C::kQColumnBytes + within), ks > 0);
+      WgmmaBf16<C::kHeads, 0>(s, AdvanceDescriptor(desc_k, column * C::kTileColumnBytes + within),
+                              AdvanceDescriptor(desc_q, column * C::kQColumnBytes + within),
+                              ks > 0);
     }
     WgmmaCommit();
     WgmmaWait<0>();
@@ -364,10 +353,9 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     for (int mb = 0; mb < C::kMBlocks; ++mb) {
 #pragma unroll
       for (int ks = 0; ks < kTileTokens / 16; ++ks) {
-        WgmmaBf16<C::kHeads, 1>(
-            o[mb],
-            AdvanceDescriptor(desc_v, stage * C::kTileBytes + mb * C::kTileColumnBytes + ks * 2048),
-            AdvanceDescriptor(desc_p, ks * 32), true);
+        WgmmaBf16<C::kHeads, 1>(o[mb],
+                                AdvanceDescriptor(desc_v, mb * C::kTileColumnBytes + ks * 2048),
+                                AdvanceDescriptor(desc_p, ks * 32), true);
       }
     }
     WgmmaCommit();
@@ -376,14 +364,13 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     for (int mb = 0; mb < C::kMBlocks; ++mb) FenceAccumulators(o[mb]);
     __syncthreads();  // every warp's MMAs are done with the tile and Pᵀ
 
-    // Refill the stage. (Looking the pages up before the MMAs and starting the Dr channels'
-    // grids right after QKᵀ measured no faster.)
-    if (warp == 0 && it + kStages < num_tiles) {
+    // Refill the buffer with the next tile. (Looking the pages up before the MMAs and starting the
+    // Dr channels' grids right after QKᵀ measured no faster.)
+    if (warp == 0 && it + 1 < num_tiles) {
       FenceProxyAsync();  // order this CTA's earlier generic writes of the tile before the TMA
       int rows[kBoxesPerColumn];
-      ArmTile<C>(bars + stage, loaded_s + stage,
-                 BlockRow(p, table, tok0 + kStages * kTileTokens, end, lane), lane, rows);
-      IssueTile<C>(a, tile, bars + stage, rows, lane);
+      ArmTile<C>(bar, loaded_s, BlockRow(p, table, tok0 + kTileTokens, end, lane), lane, rows);
+      IssueTile<C>(a, tile_s, bar, rows, lane);
     }
   }
 
