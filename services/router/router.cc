@@ -4,6 +4,7 @@
 
 #include "absl/memory/memory.h"
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "common/status_macros.h"
 
 namespace kls::router {
@@ -36,5 +37,15 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Create(const RouterOptions& opti
 }
 
 Router::~Router() { Shutdown(); }
+
+void Router::Shutdown() {
+  pool_->Shutdown();
+  // With the server shut down, what is left are the final callbacks of worker calls: short.
+  for (;;) {
+    absl::Status released = service_->WaitForProxiedCalls(absl::Seconds(10));
+    if (released.ok()) return;
+    KLS_LOG(WARNING) << "router shutdown: " << released.message();
+  }
+}
 
 }  // namespace kls::router

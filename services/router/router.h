@@ -64,9 +64,11 @@ class Router {
   WorkerPool& pool() { return *pool_; }
   RouterService& sessions() { return *service_; }
 
-  // Stops the health watcher (waiting at most one probe round). Calls still proxy on the last
-  // known worker states. Idempotent.
-  void Shutdown() { pool_->Shutdown(); }
+  // Stops the health watcher (waiting at most one probe round), then waits until every proxied
+  // call has released its worker endpoints (RouterService::WaitForProxiedCalls), so the workers'
+  // channels are destroyed with the Router, never on a gRPC callback thread. Call it after the
+  // server has shut down: calls still being served keep it waiting. Idempotent.
+  void Shutdown();
 
  private:
   Router(std::unique_ptr<WorkerPool> pool, std::unique_ptr<RouterService> service)

@@ -56,10 +56,11 @@ class UnaryProxy final : public grpc::ServerUnaryReactor {
   // Runs on success, before the reply is sent (e.g. to update affinity).
   using SuccessHook = std::function<void(const WorkerEndpoint&)>;
 
-  UnaryProxy(grpc::CallbackServerContext* server_context, WorkerPool* pool,
+  UnaryProxy(RouterService* service, grpc::CallbackServerContext* server_context, WorkerPool* pool,
              std::vector<EndpointPtr> candidates, WorkerRequest request, Response* response,
              Method method, SuccessHook on_success)
-      : server_context_(server_context),
+      : call_ref_(service),
+        server_context_(server_context),
         pool_(pool),
         candidates_(std::move(candidates)),
         request_(std::move(request)),
@@ -130,6 +131,7 @@ class UnaryProxy final : public grpc::ServerUnaryReactor {
     Finish(status);  // the worker's answer, unchanged
   }
 
+  const RouterService::CallRef call_ref_;  // first: released after the endpoints below
   grpc::CallbackServerContext* const server_context_;
   WorkerPool* const pool_;
   const std::vector<EndpointPtr> candidates_;
@@ -149,13 +151,13 @@ class UnaryProxy final : public grpc::ServerUnaryReactor {
 
 template <typename WorkerRequest, typename Response>
 grpc::ServerUnaryReactor* StartUnary(
-    grpc::CallbackServerContext* context, WorkerPool* pool, std::vector<EndpointPtr> candidates,
-    WorkerRequest request, Response* response,
+    RouterService* service, grpc::CallbackServerContext* context, WorkerPool* pool,
+    std::vector<EndpointPtr> candidates, WorkerRequest request, Response* response,
     typename UnaryProxy<WorkerRequest, Response>::Method method,
     typename UnaryProxy<WorkerRequest, Response>::SuccessHook on_success) {
-  auto* proxy = new UnaryProxy<WorkerRequest, Response>(context, pool, std::move(candidates),
-                                                        std::move(request), response, method,
-                                                        std::move(on_success));
+  auto* proxy = new UnaryProxy<WorkerRequest, Response>(service, context, pool,
+                                                        std::move(candidates), std::move(request),
+                                                        response, method, std::move(on_success));
   proxy->Start();
   return proxy;
 }
@@ -173,10 +175,11 @@ grpc::ServerUnaryReactor* StartUnary(
 // no attempt is running, so after Finish nothing touches the pool or the affinity map.
 class GenerateProxy final : public grpc::ServerWriteReactor<GenerateResponse> {
  public:
-  GenerateProxy(grpc::CallbackServerContext* server_context, WorkerPool* pool,
-                AffinityMap* affinity, std::string placement_key,
+  GenerateProxy(RouterService* service, grpc::CallbackServerContext* server_context,
+                WorkerPool* pool, AffinityMap* affinity, std::string placement_key,
                 std::vector<EndpointPtr> candidates, kls::v1::WorkerGenerateRequest request)
-      : server_context_(server_context),
+      : call_ref_(service),
+        server_context_(server_context),
         pool_(pool),
         affinity_(affinity),
         placement_key_(std::move(placement_key)),
@@ -375,6 +378,7 @@ class GenerateProxy final : public grpc::ServerWriteReactor<GenerateResponse> {
     if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
   }
 
+  const RouterService::CallRef call_ref_;  // first: released after the attempts and endpoints
   grpc::CallbackServerContext* const server_context_;
   WorkerPool* const pool_;
   AffinityMap* const affinity_;
@@ -419,6 +423,30 @@ absl::StatusOr<std::string> RouterService::Authenticate(
   return api_keys_->Authenticate(value);
 }
 
+RouterService::CallRef::CallRef(RouterService* service) : service_(service) {
+  absl::MutexLock lock(&service_->calls_mu_);
+  ++service_->proxied_calls_;
+}
+
+RouterService::CallRef::~CallRef() {
+  absl::MutexLock lock(&service_->calls_mu_);
+  --service_->proxied_calls_;
+}
+
+absl::Status RouterService::WaitForProxiedCalls(absl::Duration timeout) {
+  absl::MutexLock lock(&calls_mu_);
+  auto none = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(calls_mu_) { return proxied_calls_ == 0; };
+  if (calls_mu_.AwaitWithTimeout(absl::Condition(&none), timeout)) return absl::OkStatus();
+  return absl::DeadlineExceededError(absl::StrCat(proxied_calls_, " proxied calls still hold ",
+                                                  "worker endpoints after ",
+                                                  absl::FormatDuration(timeout)));
+}
+
+int RouterService::proxied_calls() const {
+  absl::MutexLock lock(&calls_mu_);
+  return proxied_calls_;
+}
+
 std::vector<EndpointPtr> RouterService::SessionCandidates(const std::string& placement_key) {
   std::vector<EndpointPtr> ranked = pool_->Rank(placement_key);
   if (std::optional<std::string> sticky = affinity_.Get(placement_key); sticky.has_value()) {
@@ -454,10 +482,10 @@ grpc::ServerUnaryReactor* RouterService::CreateSession(grpc::CallbackServerConte
   }
   std::string key = services::PlacementKey(*tenant, worker_request.request().session_id());
   std::vector<EndpointPtr> candidates = SessionCandidates(key);
-  return StartUnary(context, pool_, std::move(candidates), std::move(worker_request), response,
-                    &WorkerAsync::CreateSession, [this, key](const WorkerEndpoint& worker) {
-                      affinity_.Put(key, worker.name());
-                    });
+  return StartUnary(
+      this, context, pool_, std::move(candidates), std::move(worker_request), response,
+      &WorkerAsync::CreateSession,
+      [this, key](const WorkerEndpoint& worker) { affinity_.Put(key, worker.name()); });
 }
 
 grpc::ServerUnaryReactor* RouterService::GetSession(grpc::CallbackServerContext* context,
@@ -473,8 +501,8 @@ grpc::ServerUnaryReactor* RouterService::GetSession(grpc::CallbackServerContext*
   *worker_request.mutable_request() = *request;
   std::string key = services::PlacementKey(*tenant, request->session_id());
   std::vector<EndpointPtr> candidates = SessionCandidates(key);
-  return StartUnary(context, pool_, std::move(candidates), std::move(worker_request), response,
-                    &WorkerAsync::GetSession, [this, key](const WorkerEndpoint& worker) {
+  return StartUnary(this, context, pool_, std::move(candidates), std::move(worker_request),
+                    response, &WorkerAsync::GetSession, [this, key](const WorkerEndpoint& worker) {
                       affinity_.Put(key, worker.name());
                     });
 }
@@ -487,7 +515,7 @@ grpc::ServerUnaryReactor* RouterService::ListSessions(grpc::CallbackServerContex
   kls::v1::WorkerListSessionsRequest worker_request;
   worker_request.set_tenant(*tenant);
   *worker_request.mutable_request() = *request;
-  return StartUnary(context, pool_, AnyCandidates(), std::move(worker_request), response,
+  return StartUnary(this, context, pool_, AnyCandidates(), std::move(worker_request), response,
                     &WorkerAsync::ListSessions, nullptr);
 }
 
@@ -504,8 +532,8 @@ grpc::ServerUnaryReactor* RouterService::DeleteSession(grpc::CallbackServerConte
   *worker_request.mutable_request() = *request;
   std::string key = services::PlacementKey(*tenant, request->session_id());
   std::vector<EndpointPtr> candidates = SessionCandidates(key);
-  return StartUnary(context, pool_, std::move(candidates), std::move(worker_request), response,
-                    &WorkerAsync::DeleteSession,
+  return StartUnary(this, context, pool_, std::move(candidates), std::move(worker_request),
+                    response, &WorkerAsync::DeleteSession,
                     [this, key](const WorkerEndpoint&) { affinity_.Erase(key); });
 }
 
@@ -530,8 +558,8 @@ grpc::ServerUnaryReactor* RouterService::ForkSession(grpc::CallbackServerContext
   std::string source_key = services::PlacementKey(*tenant, request->session_id());
   std::string new_key = services::PlacementKey(*tenant, worker_request.request().new_session_id());
   std::vector<EndpointPtr> candidates = SessionCandidates(source_key);
-  return StartUnary(context, pool_, std::move(candidates), std::move(worker_request), response,
-                    &WorkerAsync::ForkSession,
+  return StartUnary(this, context, pool_, std::move(candidates), std::move(worker_request),
+                    response, &WorkerAsync::ForkSession,
                     [this, source_key, new_key](const WorkerEndpoint& worker) {
                       // The fork's state was just built on this worker: keep both hot there.
                       affinity_.Put(source_key, worker.name());
@@ -551,8 +579,8 @@ grpc::ServerWriteReactor<GenerateResponse>* RouterService::Generate(
   *worker_request.mutable_request() = *request;
   std::string key = services::PlacementKey(*tenant, request->session_id());
   std::vector<EndpointPtr> candidates = SessionCandidates(key);
-  auto* proxy = new GenerateProxy(context, pool_, &affinity_, std::move(key), std::move(candidates),
-                                  std::move(worker_request));
+  auto* proxy = new GenerateProxy(this, context, pool_, &affinity_, std::move(key),
+                                  std::move(candidates), std::move(worker_request));
   proxy->Start();
   return proxy;
 }

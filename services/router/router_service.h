@@ -28,7 +28,11 @@
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "kls/v1/sessions.grpc.pb.h"
 #include "services/router/affinity_map.h"
 #include "services/router/api_keys.h"
@@ -46,8 +50,8 @@ struct RouterServiceOptions {
 
 // Thread-safe: gRPC calls the handlers concurrently. Handlers and reactor callbacks never block
 // (they take short internal mutexes only); worker calls use the callback client API. The pool
-// must outlive this service, and the service must outlive the grpc::Server it is registered on
-// (Shutdown and Wait the server first).
+// must outlive this service and every call it proxies (see WaitForProxiedCalls), and the service
+// must outlive the grpc::Server it is registered on (Shutdown and Wait the server first).
 class RouterService final : public kls::v1::Sessions::CallbackService {
  public:
   // `pool` is not owned. `api_keys` null: no authentication, every caller is kDefaultTenant.
@@ -85,6 +89,29 @@ class RouterService final : public kls::v1::Sessions::CallbackService {
   // The API keys callers are checked against; null when the router is open.
   const ApiKeys* api_keys() const { return api_keys_.get(); }
 
+  // OK once every call this service proxied has released its worker endpoints; else
+  // DEADLINE_EXCEEDED after `timeout`, saying how many have not. A call's last gRPC callback may
+  // run after the server's Shutdown returned, and the pool must outlive it: a call holding the
+  // last reference to a worker's grpc::Channel would destroy it on a gRPC callback thread,
+  // which gRPC 1.51 answers by freeing the completion queue that thread still polls.
+  absl::Status WaitForProxiedCalls(absl::Duration timeout) ABSL_LOCKS_EXCLUDED(calls_mu_);
+
+  // Proxied calls that still hold worker endpoints.
+  int proxied_calls() const ABSL_LOCKS_EXCLUDED(calls_mu_);
+
+  // Held by each proxied call from its creation until its worker endpoints are released
+  // (declared first among the call's members, so destroyed last).
+  class CallRef {
+   public:
+    explicit CallRef(RouterService* service);
+    ~CallRef();
+    CallRef(const CallRef&) = delete;
+    CallRef& operator=(const CallRef&) = delete;
+
+   private:
+    RouterService* const service_;
+  };
+
  private:
   // The caller's tenant: kDefaultTenant without keys; else from "authorization: Bearer <key>"
   // (UNAUTHENTICATED on a missing or unknown key).
@@ -95,6 +122,9 @@ class RouterService final : public kls::v1::Sessions::CallbackService {
   const std::unique_ptr<const ApiKeys> api_keys_;
   const RouterServiceOptions options_;
   AffinityMap affinity_;
+
+  mutable absl::Mutex calls_mu_;
+  int proxied_calls_ ABSL_GUARDED_BY(calls_mu_) = 0;
 };
 
 }  // namespace kls::router

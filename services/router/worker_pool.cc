@@ -19,6 +19,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/blocking_counter.h"
 #include "common/logging.h"
 #include "common/rendezvous.h"
 #include "services/common/grpc_status.h"
@@ -216,6 +217,10 @@ void WorkerPool::RunRound(bool force_dns) {
     next_dns_refresh_ = absl::Now() + options_.dns_refresh_interval;
   }
   ProbeAll();
+  // Endpoints that left DNS go once no call holds them, on this thread (see WorkerEndpoint).
+  std::erase_if(retired_, [](const std::shared_ptr<WorkerEndpoint>& endpoint) {
+    return endpoint.use_count() == 1;
+  });
 }
 
 void WorkerPool::RefreshDns() {
@@ -246,6 +251,7 @@ void WorkerPool::RefreshDns() {
       }
       KLS_LOG(INFO) << "worker " << it->first << " left DNS; dropped";
       if (it->second.status.ready) --num_ready_;
+      retired_.push_back(std::move(it->second.endpoint));
       it = endpoints_.erase(it);
     }
     for (const std::string& name : wanted) {
@@ -278,56 +284,43 @@ void WorkerPool::ProbeAll() {
     kls::v1::Load load;
     grpc::Status load_status;
   };
-  // Shared with the callbacks, so the last callback (not this frame) frees it.
-  struct Round {
-    std::vector<std::unique_ptr<Probe>> probes;
-    absl::Mutex mu;
-    int pending ABSL_GUARDED_BY(mu) = 0;
-    void Done() {
-      absl::MutexLock lock(&mu);
-      --pending;
-    }
-  };
-  auto round = std::make_shared<Round>();
+  // The probes live in this frame, and the callbacks only point at them: this thread, not a gRPC
+  // callback thread, drops the probes' endpoint references (see RouterService::
+  // WaitForProxiedCalls for why a channel must never die on a callback thread).
+  std::vector<std::unique_ptr<Probe>> probes;
   {
     absl::MutexLock lock(&mu_);
     for (auto& [name, state] : endpoints_) {
-      round->probes.push_back(std::make_unique<Probe>());
-      round->probes.back()->endpoint = state.endpoint;
+      probes.push_back(std::make_unique<Probe>());
+      probes.back()->endpoint = state.endpoint;
     }
   }
-  if (round->probes.empty()) return;
+  if (probes.empty()) return;
   const absl::Time started = absl::Now();
   const auto deadline = absl::ToChronoTime(started + options_.health_timeout);
-  {
-    absl::MutexLock lock(&round->mu);
-    round->pending = 2 * static_cast<int>(round->probes.size());
-  }
-  for (const std::unique_ptr<Probe>& p : round->probes) {
+  // Safe to destroy once Wait returns, even while the last callback is still returning.
+  absl::BlockingCounter pending(2 * static_cast<int>(probes.size()));
+  for (const std::unique_ptr<Probe>& p : probes) {
     Probe* probe = p.get();
     probe->health_context.set_deadline(deadline);
     probe->load_context.set_deadline(deadline);
     probe->health_request.set_service("");  // the server's overall health
     probe->endpoint->health_stub()->async()->Check(&probe->health_context, &probe->health_request,
                                                    &probe->health_response,
-                                                   [round, probe](grpc::Status status) {
+                                                   [&pending, probe](grpc::Status status) {
                                                      probe->health_status = std::move(status);
-                                                     round->Done();
+                                                     pending.DecrementCount();
                                                    });
     probe->endpoint->stub()->async()->GetLoad(&probe->load_context, &probe->load_request,
-                                              &probe->load, [round, probe](grpc::Status status) {
+                                              &probe->load, [&pending, probe](grpc::Status status) {
                                                 probe->load_status = std::move(status);
-                                                round->Done();
+                                                pending.DecrementCount();
                                               });
   }
-  {
-    absl::MutexLock lock(&round->mu);
-    round->mu.Await(absl::Condition(
-        +[](int* pending) { return *pending == 0; }, &round->pending));
-  }
+  pending.Wait();
 
   absl::MutexLock lock(&mu_);
-  for (const std::unique_ptr<Probe>& probe : round->probes) {
+  for (const std::unique_ptr<Probe>& probe : probes) {
     auto it = endpoints_.find(probe->endpoint->name());
     if (it == endpoints_.end() || it->second.endpoint != probe->endpoint) continue;  // left
     EndpointState& state = it->second;

@@ -61,6 +61,9 @@ struct WorkerPoolOptions {
 
 // One worker: its name and stubs. Immutable; the stubs are thread-safe. Shared by the pool and
 // by in-flight calls, so an endpoint dropped from the pool stays valid until its calls end.
+// Never drop the last reference on a gRPC callback thread: the channel's destructor would then
+// join that thread with itself and free the completion queue it polls (gRPC 1.51's callback
+// API on Linux). The router waits for its calls before the pool goes (Router::Shutdown).
 class WorkerEndpoint {
  public:
   WorkerEndpoint(std::string name, std::shared_ptr<grpc::Channel> channel);
@@ -156,6 +159,9 @@ class WorkerPool {
 
   // Serializes probe rounds and DNS refreshes (the watcher's and TEST_RunProbeRound's).
   absl::Mutex round_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  // Endpoints that left DNS while calls may still hold them; dropped by the round that finds
+  // them unshared, or with the pool.
+  std::vector<std::shared_ptr<WorkerEndpoint>> retired_ ABSL_GUARDED_BY(round_mu_);
   absl::Time next_dns_refresh_ ABSL_GUARDED_BY(round_mu_) = absl::InfinitePast();
 
   mutable absl::Mutex mu_;

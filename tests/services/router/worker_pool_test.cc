@@ -101,6 +101,34 @@ std::vector<std::string> Names(const std::vector<EndpointPtr>& endpoints) {
   return names;
 }
 
+// A DNS name whose addresses the test sets; records each lookup as "<host> <port>".
+class FakeDns {
+ public:
+  void Answer(absl::StatusOr<std::set<std::string>> answer) ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    answer_ = std::move(answer);
+  }
+  std::vector<std::string> asked() const ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    return asked_;
+  }
+  // Options for a pool over one dns: target, resolved here (see ManualOptions).
+  static WorkerPoolOptions Options(std::shared_ptr<FakeDns> dns) {
+    WorkerPoolOptions options = ManualOptions({"dns:///kls-worker.kls.svc:50052"});
+    options.TEST_resolver = [dns](const std::string& host, const std::string& port) {
+      absl::MutexLock lock(&dns->mu_);
+      dns->asked_.push_back(absl::StrCat(host, " ", port));
+      return dns->answer_;
+    };
+    return options;
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  absl::StatusOr<std::set<std::string>> answer_ ABSL_GUARDED_BY(mu_) = std::set<std::string>{};
+  std::vector<std::string> asked_ ABSL_GUARDED_BY(mu_);
+};
+
 EndpointStatus StatusOf(const WorkerPool& pool, const std::string& name) {
   for (const EndpointStatus& status : pool.Endpoints()) {
     if (status.name == name) return status;
@@ -278,65 +306,61 @@ TEST(WorkerPoolTest, PreMadeChannelJoinsThePool) {
 TEST(WorkerPoolTest, DnsMembersJoinAndLeave) {
   auto a = StartWorker();
   auto b = StartWorker();
-  struct Resolver {
-    absl::Mutex mu;
-    absl::StatusOr<std::set<std::string>> answer ABSL_GUARDED_BY(mu);
-    std::vector<std::string> asked ABSL_GUARDED_BY(mu);
-  };
-  auto resolver = std::make_shared<Resolver>();
-  {
-    absl::MutexLock lock(&resolver->mu);
-    resolver->answer = std::set<std::string>{a->address, b->address};
-  }
-  WorkerPoolOptions options = ManualOptions({"dns:///kls-worker.kls.svc:50052"});
-  options.TEST_resolver = [resolver](const std::string& host, const std::string& port) {
-    absl::MutexLock lock(&resolver->mu);
-    resolver->asked.push_back(absl::StrCat(host, " ", port));
-    return resolver->answer;
-  };
-  std::unique_ptr<WorkerPool> pool = MakePool(options);
+  auto dns = std::make_shared<FakeDns>();
+  dns->Answer(std::set<std::string>{a->address, b->address});
+  std::unique_ptr<WorkerPool> pool = MakePool(FakeDns::Options(dns));
   ASSERT_NE(pool, nullptr);
   pool->TEST_RunProbeRound();
-  {
-    absl::MutexLock lock(&resolver->mu);
-    ASSERT_FALSE(resolver->asked.empty());
-    EXPECT_EQ(resolver->asked.front(), "kls-worker.kls.svc 50052");
-  }
+  ASSERT_FALSE(dns->asked().empty());
+  EXPECT_EQ(dns->asked().front(), "kls-worker.kls.svc 50052");
   std::vector<EndpointPtr> ranked = pool->Rank("k");
   ASSERT_EQ(ranked.size(), 2u);
   const EndpointPtr held = ranked[0];
 
   // b's pod went away: it leaves the pool (in-flight holders keep a valid endpoint).
-  {
-    absl::MutexLock lock(&resolver->mu);
-    resolver->answer = std::set<std::string>{a->address};
-  }
+  dns->Answer(std::set<std::string>{a->address});
   pool->TEST_RunProbeRound();
   EXPECT_EQ(Names(pool->Rank("k")), std::vector<std::string>{a->address});
   EXPECT_EQ(pool->Endpoints().size(), 1u);
   EXPECT_FALSE(held->name().empty());
 
   // A failed lookup keeps the last known members.
-  {
-    absl::MutexLock lock(&resolver->mu);
-    resolver->answer = absl::UnavailableError("resolver unreachable");
-  }
+  dns->Answer(absl::UnavailableError("resolver unreachable"));
   pool->TEST_RunProbeRound();
   EXPECT_EQ(Names(pool->Rank("k")), std::vector<std::string>{a->address});
 
   // A name with no addresses empties the pool; a new address joins.
-  {
-    absl::MutexLock lock(&resolver->mu);
-    resolver->answer = std::set<std::string>{};
-  }
+  dns->Answer(std::set<std::string>{});
   pool->TEST_RunProbeRound();
   EXPECT_TRUE(pool->Endpoints().empty());
-  {
-    absl::MutexLock lock(&resolver->mu);
-    resolver->answer = std::set<std::string>{b->address};
-  }
+  dns->Answer(std::set<std::string>{b->address});
   pool->TEST_RunProbeRound();
   EXPECT_EQ(Names(pool->Rank("k")), std::vector<std::string>{b->address});
+}
+
+// A call that outlives its endpoint's DNS membership does not free it (its channel) when it
+// lets go: that may happen on a gRPC callback thread. The pool's next round frees it.
+TEST(WorkerPoolTest, EndpointThatLeftIsFreedByTheNextRoundNotByItsLastCall) {
+  auto a = StartWorker();
+  auto dns = std::make_shared<FakeDns>();
+  dns->Answer(std::set<std::string>{a->address});
+  std::unique_ptr<WorkerPool> pool = MakePool(FakeDns::Options(dns));
+  ASSERT_NE(pool, nullptr);
+  pool->TEST_RunProbeRound();
+  std::vector<EndpointPtr> ranked = pool->Rank("k");
+  ASSERT_EQ(ranked.size(), 1u);
+  EndpointPtr held = ranked[0];  // what an in-flight call holds
+  ranked.clear();
+  const std::weak_ptr<const WorkerEndpoint> watch = held;
+
+  dns->Answer(std::set<std::string>{});
+  pool->TEST_RunProbeRound();
+  EXPECT_TRUE(pool->Endpoints().empty());
+  EXPECT_FALSE(watch.expired());  // the call still uses it
+  held.reset();                   // the call ends
+  EXPECT_FALSE(watch.expired());  // ... without destroying the channel on its thread
+  pool->TEST_RunProbeRound();
+  EXPECT_TRUE(watch.expired());
 }
 
 TEST(WorkerPoolTest, RealDnsResolvesEachAddress) {
