@@ -27,8 +27,27 @@ std::string ResolveBackendKind(const std::string& kind) {
   return CudaBackendUsable() ? "cuda" : "cpu";
 }
 
+absl::Status CheckBackendAvailable(const std::string& kind) {
+  if (kind == "auto" || kind == "cpu") return absl::OkStatus();
+  if (kind != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("backend '", kind, "' is not one of cpu, cuda, auto"));
+  }
+  if (!CudaBackendBuilt()) {
+    return absl::FailedPreconditionError(
+        "--backend cuda: this build has no CUDA backend (build where the CUDA toolkit is "
+        "installed); use --backend cpu");
+  }
+  if (!CudaBackendUsable()) {
+    return absl::FailedPreconditionError(
+        "--backend cuda: no CUDA device is visible; use --backend cpu");
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<ModelAndBackend> LoadModelAndBackend(const std::string& model_dir,
                                                     const BackendChoice& choice) {
+  KLS_RETURN_IF_ERROR(CheckBackendAvailable(choice.kind));
   const std::string kind = ResolveBackendKind(choice.kind);
   ModelAndBackend out;
   if (kind == "cpu") {
@@ -39,18 +58,6 @@ absl::StatusOr<ModelAndBackend> LoadModelAndBackend(const std::string& model_dir
     out.model = std::move(model);
     out.backend = std::move(backend);
     return out;
-  }
-  if (kind != "cuda") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("backend '", kind, "' is not one of cpu, cuda, auto"));
-  }
-  if (!CudaBackendBuilt()) {
-    return absl::FailedPreconditionError(
-        "--backend cuda: this build has no CUDA backend (build where the CUDA toolkit is "
-        "installed)");
-  }
-  if (!CudaBackendUsable()) {
-    return absl::FailedPreconditionError("--backend cuda: no CUDA device is visible");
   }
 #if KLS_HAVE_CUDA_BACKEND
   KLS_ASSIGN_OR_RETURN(LoadedModel loaded, LoadModelWithoutWeights(model_dir));

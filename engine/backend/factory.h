@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/backend/backend.h"
 #include "engine/backend/cpu/cpu_backend.h"
@@ -35,15 +36,19 @@ bool CudaBackendUsable();
 // The kind "auto" resolves to here: "cuda" if usable, else "cpu"; other kinds unchanged.
 std::string ResolveBackendKind(const std::string& kind);
 
+// OK when `kind` can run here. INVALID_ARGUMENT for an unknown kind; FAILED_PRECONDITION for
+// "cuda" without a CUDA build or without a visible GPU, saying which. Needs no model, so
+// commands check their flags with it before a slow model load.
+absl::Status CheckBackendAvailable(const std::string& kind);
+
 struct ModelAndBackend {
   std::shared_ptr<const LoadedModel> model;
   std::unique_ptr<Backend> backend;
 };
 
 // Loads the model the way the chosen backend needs it and creates the backend. The CUDA backend
-// logs the weight upload's progress for large models. INVALID_ARGUMENT for an unknown kind;
-// FAILED_PRECONDITION for "cuda" without a CUDA build or without a visible GPU (the message
-// says which); model and memory errors as LoadModel and the backends report them.
+// logs the weight upload's progress for large models. The errors of CheckBackendAvailable, then
+// model and memory errors as LoadModel and the backends report them.
 absl::StatusOr<ModelAndBackend> LoadModelAndBackend(const std::string& model_dir,
                                                     const BackendChoice& choice);
 

@@ -7,7 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "engine/backend/cpu/cpu_backend.h"
+#include "engine/backend/factory.h"
 #include "engine/scheduler/generator.h"
 #include "engine/tokenizer/chat_format.h"
 #include "services/cli/commands.h"
@@ -30,6 +30,8 @@ struct GenerateFlags {
   uint64_t seed = 0;
   std::string router = "unbiased";
   std::string dump_logits;
+  std::string backend = "auto";  // auto | cpu | cuda
+  int cuda_device = 0;
 };
 
 absl::StatusOr<std::vector<int32_t>> ParseIds(const std::string& text) {
@@ -192,7 +194,8 @@ int RunInteractive(const GenerateFlags& flags, const engine::LoadedModel& model,
 
 std::function<int()> AddGenerateCommand(CLI::App& app) {
   auto flags = std::make_shared<GenerateFlags>();
-  CLI::App* cmd = app.add_subcommand("generate", "Generate text from a prompt on the CPU backend");
+  CLI::App* cmd =
+      app.add_subcommand("generate", "Generate text from a prompt, on the GPU or the CPU backend");
   cmd->add_option("--model", flags->model, "Model directory (config.json, weights, tokenizer)")
       ->required();
   auto* prompt = cmd->add_option("--prompt", flags->prompt, "Prompt text (no BOS is added)");
@@ -217,6 +220,14 @@ std::function<int()> AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--router", flags->router,
                   "MoE routing weights: unbiased (vLLM, default) or biased (HF remote code)")
       ->check(CLI::IsMember({"unbiased", "biased"}));
+  cmd->add_option("--backend", flags->backend,
+                  "Compute backend: cpu (the reference), cuda (a CUDA build on a GPU), or auto "
+                  "(cuda when a GPU is visible, else cpu)")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->capture_default_str();
+  cmd->add_option("--cuda-device", flags->cuda_device, "GPU ordinal for the cuda backend")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   return [flags]() -> int {
     if (!flags->interactive && flags->prompt.empty() && flags->prompt_ids.empty()) {
       std::fprintf(stderr, "kls generate: give --prompt, --prompt-ids or --interactive\n");
@@ -232,22 +243,25 @@ std::function<int()> AddGenerateCommand(CLI::App& app) {
       std::fprintf(stderr, "kls generate: %s\n", std::string(s.message()).c_str());
       return 2;
     }
-    absl::StatusOr<engine::LoadedModel> model = engine::LoadModel(flags->model);
-    if (!model.ok()) {
-      std::fprintf(stderr, "kls generate: %s\n", model.status().ToString().c_str());
+    // Checked before the (slow) model load.
+    if (absl::Status s = engine::CheckBackendAvailable(flags->backend); !s.ok()) {
+      std::fprintf(stderr, "kls generate: %s\n", std::string(s.message()).c_str());
+      return 2;
+    }
+    engine::BackendChoice choice;
+    choice.kind = flags->backend;
+    choice.cuda_device = flags->cuda_device;
+    choice.cpu.router_weighting = flags->router == "biased" ? kernels::RouterWeighting::kBiased
+                                                            : kernels::RouterWeighting::kUnbiased;
+    absl::StatusOr<engine::ModelAndBackend> loaded =
+        engine::LoadModelAndBackend(flags->model, choice);
+    if (!loaded.ok()) {
+      std::fprintf(stderr, "kls generate: %s\n", loaded.status().ToString().c_str());
       return 1;
     }
-    engine::CpuBackendOptions backend_options;
-    backend_options.router_weighting = flags->router == "biased"
-                                           ? kernels::RouterWeighting::kBiased
-                                           : kernels::RouterWeighting::kUnbiased;
-    absl::StatusOr<std::unique_ptr<engine::CpuBackend>> backend =
-        engine::CpuBackend::Create(model->weights, backend_options);
-    if (!backend.ok()) {
-      std::fprintf(stderr, "kls generate: %s\n", backend.status().ToString().c_str());
-      return 1;
-    }
-    if (flags->interactive) return RunInteractive(*flags, *model, **backend);
+    const engine::LoadedModel& model = *loaded->model;
+    engine::Backend& backend = *loaded->backend;
+    if (flags->interactive) return RunInteractive(*flags, model, backend);
 
     std::vector<int32_t> prompt;
     if (!flags->prompt_ids.empty()) {
@@ -262,27 +276,27 @@ std::function<int()> AddGenerateCommand(CLI::App& app) {
       if (!flags->system.empty()) messages.push_back({"system", flags->system, ""});
       messages.push_back({"user", flags->prompt, ""});
       absl::StatusOr<std::vector<int32_t>> rendered =
-          engine::RenderChat(*model->tokenizer, messages, /*add_generation_prompt=*/true);
+          engine::RenderChat(*model.tokenizer, messages, /*add_generation_prompt=*/true);
       if (!rendered.ok()) {
         std::fprintf(stderr, "kls generate: %s\n", rendered.status().ToString().c_str());
         return 2;
       }
       prompt = *std::move(rendered);
     } else {
-      absl::StatusOr<std::vector<int32_t>> encoded = model->tokenizer->Encode(flags->prompt);
+      absl::StatusOr<std::vector<int32_t>> encoded = model.tokenizer->Encode(flags->prompt);
       if (!encoded.ok()) {
         std::fprintf(stderr, "kls generate: %s\n", encoded.status().ToString().c_str());
         return 2;
       }
       prompt = *std::move(encoded);
     }
-    absl::StatusOr<std::unique_ptr<engine::BackendState>> state = (*backend)->NewState();
+    absl::StatusOr<std::unique_ptr<engine::BackendState>> state = backend.NewState();
     if (!state.ok()) {
       std::fprintf(stderr, "kls generate: %s\n", state.status().ToString().c_str());
       return 1;
     }
     absl::StatusOr<engine::GenerateResult> result =
-        RunTurn(*flags, *model, **backend, state->get(), prompt);
+        RunTurn(*flags, model, backend, state->get(), prompt);
     if (!result.ok()) {
       std::fprintf(stderr, "kls generate: %s\n", result.status().ToString().c_str());
       return absl::IsInvalidArgument(result.status()) ? 2 : 1;

@@ -156,13 +156,7 @@ void AddWorkerFlags(CLI::App* cmd, WorkerFlags* f, bool with_store) {
 
 absl::StatusOr<std::unique_ptr<worker::Worker>> MakeWorker(const WorkerFlags& f) {
   // Flags that need no model are checked before the (slow) model load.
-  if (f.backend == "cuda" && !engine::CudaBackendUsable()) {
-    return absl::FailedPreconditionError(
-        engine::CudaBackendBuilt()
-            ? "--backend cuda: no CUDA device is visible; use --backend cpu"
-            : "--backend cuda: this build has no CUDA backend (build where the CUDA toolkit is "
-              "installed); use --backend cpu");
-  }
+  KLS_RETURN_IF_ERROR(engine::CheckBackendAvailable(f.backend));
   if (!f.metrics_listen.empty()) {
     if (absl::Status valid = services::ValidateMetricsAddress(f.metrics_listen); !valid.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("--metrics-listen: ", valid.message()));

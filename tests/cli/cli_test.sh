@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end checks of the kls program: make-model, generate (raw, chat, ids), determinism and
+# End-to-end checks of the kls program: make-model, generate (raw, chat, ids, backends), determinism and
 # clear errors for bad input. Usage: cli_test.sh PATH_TO_KLS
 set -uo pipefail
 kls=$1
@@ -42,6 +42,22 @@ c=$("$kls" generate --model "$model" --prompt-ids "72 101 108 108 111" --max-tok
 g1=$("$kls" generate --model "$model" --prompt "Hi" --max-tokens 8 --temperature 0 --seed 1 --print-ids)
 g2=$("$kls" generate --model "$model" --prompt "Hi" --max-tokens 8 --temperature 0 --seed 2 --print-ids)
 [ "$g1" = "$g2" ] && pass || fail "greedy depends on the seed: '$g1' vs '$g2'"
+
+# --backend: where no GPU can be used, cuda fails before the model loads (exit 2, saying why)
+# and auto is the CPU backend; where one can, the GPU runs the turn (greedy, 8 ids).
+"$kls" generate --model "$work/none" --prompt hi --backend cuda >/dev/null 2>"$work/err"
+rc=$?
+if grep -qF -e "no CUDA device is visible" -e "this build has no CUDA backend" "$work/err"; then
+  [ "$rc" -eq 2 ] && pass || fail "--backend cuda without a GPU: exit $rc, expected 2"
+  cpu=$("$kls" generate --model "$model" --prompt "Hello" --max-tokens 16 --seed 9 --print-ids --backend cpu)
+  [ "$cpu" = "$a" ] && pass || fail "--backend cpu gave '$cpu', auto (cpu here) gave '$a'"
+else
+  [ "$rc" -eq 1 ] && grep -qF config.json "$work/err" && pass \
+    || fail "--backend cuda, missing model: exit $rc: $(cat "$work/err")"
+  gpu=$("$kls" generate --model "$model" --prompt "Hi" --max-tokens 8 --temperature 0 --backend cuda --print-ids)
+  [ "$(echo "$gpu" | wc -w)" -ge 1 ] && pass || fail "--backend cuda printed '$gpu'"
+fi
+expect_error "unknown backend" 2 "--backend" -- "$kls" generate --model "$model" --prompt hi --backend tpu
 
 # Chat mode and text streaming run.
 "$kls" generate --model "$model" --prompt "What is KDA?" --chat --max-tokens 8 >/dev/null 2>"$work/err" \

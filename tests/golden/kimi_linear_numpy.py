@@ -187,7 +187,7 @@ def main():
     dump = os.path.join(work, "logits.f32")
     out = subprocess.run([kls, "generate", "--model", model_dir, "--prompt-ids",
                           " ".join(map(str, prompt)), "--max-tokens", str(steps), "--temperature", "0",
-                          "--print-ids", "--dump-logits", dump],
+                          "--print-ids", "--dump-logits", dump, "--backend", "cpu"],
                          check=True, capture_output=True, text=True).stdout
     generated = [int(t) for t in out.split()]
     got = np.fromfile(dump, dtype="<f4").reshape(-1, vocab).astype(np.float64)
