@@ -149,14 +149,15 @@ class Checks:
             raise AssertionError(message)
 
     def run(self, name, fn):
+        start = time.monotonic()
         try:
             fn()
             self.passed += 1
-            print(f"ok   {name}")
+            print(f"ok   {name} ({time.monotonic() - start:.1f} s)", flush=True)
         except Exception:  # noqa: BLE001 - every failure is reported, then the next check runs
             self.failed += 1
-            print(f"FAIL {name}\n{traceback.format_exc()}")
-            print(f"server log tail:\n{self.server.tail()}")
+            print(f"FAIL {name} ({time.monotonic() - start:.1f} s)\n{traceback.format_exc()}")
+            print(f"server log tail:\n{self.server.tail()}", flush=True)
 
     def grpc_turn(self, session_id, text, max_tokens):
         request = self.spb.GenerateRequest(session_id=session_id)
@@ -478,7 +479,7 @@ class Checks:
         racers = 4
         for rnd in range(12):
             results = [None] * racers
-            texts = [f"racer {rnd}-{i} " + "long input " * (300 * (i % 2)) for i in range(racers)]
+            texts = [f"racer {rnd}-{i} " + "long input " * (100 * (i % 2)) for i in range(racers)]
 
             def go(i, previous=latest.id):
                 try:
