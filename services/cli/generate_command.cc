@@ -220,14 +220,7 @@ std::function<int()> AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--router", flags->router,
                   "MoE routing weights: unbiased (vLLM, default) or biased (HF remote code)")
       ->check(CLI::IsMember({"unbiased", "biased"}));
-  cmd->add_option("--backend", flags->backend,
-                  "Compute backend: cpu (the reference), cuda (a CUDA build on a GPU), or auto "
-                  "(cuda when a GPU is visible, else cpu)")
-      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
-      ->capture_default_str();
-  cmd->add_option("--cuda-device", flags->cuda_device, "GPU ordinal for the cuda backend")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
+  AddBackendFlags(cmd, &flags->backend, &flags->cuda_device);
   return [flags]() -> int {
     if (!flags->interactive && flags->prompt.empty() && flags->prompt_ids.empty()) {
       std::fprintf(stderr, "kls generate: give --prompt, --prompt-ids or --interactive\n");

@@ -138,14 +138,7 @@ void AddWorkerFlags(CLI::App* cmd, WorkerFlags* f, bool with_store) {
       ->capture_default_str();
   cmd->add_option("--gc-interval", f->gc_interval_s, "Seconds between store garbage collections")
       ->capture_default_str();
-  cmd->add_option("--backend", f->backend,
-                  "Compute backend: cpu, cuda (a CUDA build on a GPU), or auto (cuda when a GPU "
-                  "is visible, else cpu)")
-      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
-      ->capture_default_str();
-  cmd->add_option("--cuda-device", f->cuda_device, "GPU ordinal for the cuda backend")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
+  AddBackendFlags(cmd, &f->backend, &f->cuda_device);
   cmd->add_option("--gpu-max-sessions", f->gpu_max_sessions,
                   "cuda: sessions held on the GPU at once (KDA state slots: two per session)")
       ->check(CLI::PositiveNumber)

@@ -457,6 +457,19 @@ StreamResult RunGenerate(kls::v1::Sessions::Stub& stub, const std::string& sessi
   return result;
 }
 
+// Starts Generate on `session_id` (no input needed by the fake workers) and reads the first
+// response into *first; the caller finishes the stream.
+std::unique_ptr<grpc::ClientReader<GenerateResponse>> OpenStream(kls::v1::Sessions::Stub& stub,
+                                                                 const std::string& session_id,
+                                                                 grpc::ClientContext* context,
+                                                                 GenerateResponse* first) {
+  kls::v1::GenerateRequest request;
+  request.set_session_id(session_id);
+  std::unique_ptr<grpc::ClientReader<GenerateResponse>> reader = stub.Generate(context, request);
+  EXPECT_TRUE(reader->Read(first)) << "no first response";
+  return reader;
+}
+
 // "<worker>" of the first response's text "<worker>:<i>".
 std::string StreamWorker(const StreamResult& result) {
   if (result.responses.empty()) return "";
@@ -725,11 +738,8 @@ TEST(RouterTest, ClientCancellationReachesWorker) {
   workers[0]->service.set_stream(StreamMode::kHoldUntilCancel);
 
   grpc::ClientContext context;
-  kls::v1::GenerateRequest request;
-  request.set_session_id("cancel-me");
-  auto reader = router.stub().Generate(&context, request);
   GenerateResponse response;
-  ASSERT_TRUE(reader->Read(&response));
+  auto reader = OpenStream(router.stub(), "cancel-me", &context, &response);
   EXPECT_EQ(response.text(), absl::StrCat(workers[0]->address, ":0"));
   EXPECT_EQ(workers[0]->service.cancellations(), 0);
   context.TryCancel();
@@ -758,11 +768,8 @@ TEST(RouterTest, ProxiedCallsHoldTheirWorkersUntilTheirLastCallback) {
 
   workers[0]->service.set_stream(StreamMode::kHoldUntilCancel);
   grpc::ClientContext context;
-  kls::v1::GenerateRequest request;
-  request.set_session_id("held");
-  auto reader = router.stub().Generate(&context, request);
   GenerateResponse response;
-  ASSERT_TRUE(reader->Read(&response));
+  auto reader = OpenStream(router.stub(), "held", &context, &response);
   EXPECT_EQ(sessions.proxied_calls(), 1);
   EXPECT_GT(endpoint.use_count(), kIdleHolders);
   const absl::Status waited = sessions.WaitForProxiedCalls(absl::Milliseconds(50));
