@@ -16,6 +16,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "common/logging.h"
 #include "kls/v1/worker.grpc.pb.h"
 #include "services/common/grpc_status.h"
 #include "services/common/session_ids.h"
@@ -412,6 +413,14 @@ RouterService::RouterService(WorkerPool* pool, std::unique_ptr<const ApiKeys> ap
       api_keys_(std::move(api_keys)),
       options_(options),
       affinity_(options.affinity_capacity) {}
+
+RouterService::~RouterService() {
+  // Router::Shutdown waits for these; a count here means the service is going away under them.
+  if (const int calls = proxied_calls(); calls != 0) {
+    KLS_LOG(ERROR) << "RouterService destroyed with " << calls
+                   << " proxied calls still running (shut the server and the Router down first)";
+  }
+}
 
 absl::StatusOr<std::string> RouterService::Authenticate(
     const grpc::CallbackServerContext& context) const {

@@ -57,6 +57,7 @@ class RouterService final : public kls::v1::Sessions::CallbackService {
   // `pool` is not owned. `api_keys` null: no authentication, every caller is kDefaultTenant.
   RouterService(WorkerPool* pool, std::unique_ptr<const ApiKeys> api_keys,
                 RouterServiceOptions options);
+  ~RouterService() override;  // logs an error if proxied calls are still running
   RouterService(const RouterService&) = delete;
   RouterService& operator=(const RouterService&) = delete;
 
