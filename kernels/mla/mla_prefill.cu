@@ -119,6 +119,101 @@ __device__ __forceinline__ PrefillTile LocatePrefillTile(const MlaPrefillParams&
   return w;
 }
 
+// Both prefill kernels keep S and O as m16n8 accumulator fragments: for a lane (g = lane / 4,
+// t = lane % 4) and n8 tile i, x[i][0..1] are row g, columns 8i + 2t and 8i + 2t + 1, and
+// x[i][2..3] are row g + 8 at the same columns. mma.sync's m16n8 tiles and each warp's 16 rows of
+// a wgmma m64nN accumulator have this layout, so the softmax and the store below serve both.
+
+// The wgmma wrappers take an accumulator as one flat array of 4 · kTiles floats.
+template <int kTiles>
+__device__ __forceinline__ float (&Flat(float (&x)[kTiles][4]))[4 * kTiles] {
+  return reinterpret_cast<float(&)[4 * kTiles]>(x);
+}
+
+// Scales the scores of the keys key0 + [0, 8 · kTiles) into the exp2 domain and, when `masked`,
+// sets those past the last key a row sees (last_lo for row g, last_hi for row g + 8) to −∞.
+template <int kTiles>
+__device__ __forceinline__ void ScaleAndMask(float (&s)[kTiles][4], float scale_log2, bool masked,
+                                             int key0, int t, int last_lo, int last_hi) {
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int key = key0 + i * 8 + 2 * t + e;
+      s[i][e] *= scale_log2;
+      s[i][2 + e] *= scale_log2;
+      if (masked) {
+        if (key > last_lo) s[i][e] = -INFINITY;
+        if (key > last_hi) s[i][2 + e] = -INFINITY;
+      }
+    }
+  }
+}
+
+// One online-softmax step of the lane's rows g (r = 0) and g + 8 (r = 1): the row maxima over
+// this block (the row's 4 lanes reduce with shuffles) update m_run, S becomes exp2(S − m), O and
+// the per-lane partial sums l_run are rescaled, and l_run adds this block's partial sums.
+template <int kTilesS, int kTilesO>
+__device__ __forceinline__ void OnlineSoftmax(float (&s)[kTilesS][4], float (&o)[kTilesO][4],
+                                              float (&m_run)[2], float (&l_run)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kTilesS; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+    mx = WarpMaxXor(mx, 4);
+    const float m_new = fmaxf(m_run[r], mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+    const float alpha = exp2f(m_run[r] - m_use);
+    m_run[r] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < kTilesS; ++i) {
+      s[i][2 * r] = exp2f(s[i][2 * r] - m_use);
+      s[i][2 * r + 1] = exp2f(s[i][2 * r + 1] - m_use);
+      sum += s[i][2 * r] + s[i][2 * r + 1];
+    }
+    l_run[r] = l_run[r] * alpha + sum;  // per-lane partial; reduced over the row at the end
+#pragma unroll
+    for (int i = 0; i < kTilesO; ++i) {
+      o[i][2 * r] *= alpha;
+      o[i][2 * r + 1] *= alpha;
+    }
+  }
+}
+
+// The A fragment (bf16) of the P·V step over keys 16kk .. 16kk + 15: S tiles 2kk and 2kk + 1.
+template <int kTiles>
+__device__ __forceinline__ void PackPFragment(const float (&s)[kTiles][4], int kk,
+                                              uint32_t (&pa)[4]) {
+  pa[0] = PackBf16x2(s[2 * kk][0], s[2 * kk][1]);
+  pa[1] = PackBf16x2(s[2 * kk][2], s[2 * kk][3]);
+  pa[2] = PackBf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  pa[3] = PackBf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// Divides the lane's O rows by their softmax sums and stores those inside the sequence
+// (row < len_q) as bf16: p.out[q_bos + row][h][8i + 2t, +1] of p.out [tokens, num_heads, kDv].
+template <int kDv>
+__device__ __forceinline__ void StoreNormalizedRows(const MlaPrefillParams& p,
+                                                    const float (&o)[kDv / 8][4],
+                                                    const float (&l_run)[2], int row_lo, int row_hi,
+                                                    int len_q, int q_bos, int h, int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = WarpSumXor(l_run[r], 4);
+    const float inv = l > 0.f ? 1.f / l : 0.f;  // 0: a query that sees no key
+    const int row = r == 0 ? row_lo : row_hi;
+    if (row >= len_q) continue;
+    bf16* const dst = p.out + (static_cast<int64_t>(q_bos + row) * p.num_heads + h) * kDv + 2 * t;
+#pragma unroll
+    for (int i = 0; i < kDv / 8; ++i) {
+      *reinterpret_cast<uint32_t*>(dst + i * 8) =
+          PackBf16x2(o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
+    }
+  }
+}
+
 template <class C>
 __global__ void __launch_bounds__(kThreads, 1)
     MlaPrefillKernel(const __grid_constant__ MlaPrefillParams p, const int num_q_tiles) {
@@ -208,53 +303,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Scale into the exp2 domain; mask keys past each row's position (only on blocks that
     // reach past the warp's first row).
     const bool masked = key0 + kBlockN - 1 > warp_first_last;
-#pragma unroll
-    for (int i = 0; i < C::kNTilesS; ++i) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int key = key0 + i * 8 + 2 * t + e;
-        s[i][e] *= scale_log2;
-        s[i][2 + e] *= scale_log2;
-        if (masked) {
-          if (key > last_lo) s[i][e] = -INFINITY;
-          if (key > last_hi) s[i][2 + e] = -INFINITY;
-        }
-      }
-    }
-
-    // Online softmax, rows g (r = 0) and g + 8 (r = 1).
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < C::kNTilesS; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
-      mx = WarpMaxXor(mx, 4);
-      const float m_new = fmaxf(m_run[r], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-      const float alpha = exp2f(m_run[r] - m_use);
-      m_run[r] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < C::kNTilesS; ++i) {
-        s[i][2 * r] = exp2f(s[i][2 * r] - m_use);
-        s[i][2 * r + 1] = exp2f(s[i][2 * r + 1] - m_use);
-        sum += s[i][2 * r] + s[i][2 * r + 1];
-      }
-      l_run[r] = l_run[r] * alpha + sum;  // per-lane partial; reduced over the row at the end
-#pragma unroll
-      for (int i = 0; i < C::kNTilesO; ++i) {
-        o[i][2 * r] *= alpha;
-        o[i][2 * r + 1] *= alpha;
-      }
-    }
+    ScaleAndMask(s, scale_log2, masked, key0, t, last_lo, last_hi);
+    OnlineSoftmax(s, o, m_run, l_run);
 
     // O += P·V: the S accumulators of n8 tiles 2kk, 2kk + 1 are the A fragment of step kk.
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const uint32_t pa[4] = {PackBf16x2(s[2 * kk][0], s[2 * kk][1]),
-                              PackBf16x2(s[2 * kk][2], s[2 * kk][3]),
-                              PackBf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              PackBf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t pa[4];
+      PackPFragment(s, kk, pa);
 #pragma unroll
       for (int np = 0; np < C::kNTilesO / 2; ++np) {
         uint32_t b[4];
@@ -266,21 +322,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   CpAsyncWait<0>();
 
-  // Normalize and store the valid rows.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = WarpSumXor(l_run[r], 4);
-    const float inv = l > 0.f ? 1.f / l : 0.f;  // 0: a query that sees no key
-    const int row = r == 0 ? row_lo : row_hi;
-    if (row >= len_q) continue;
-    bf16* const dst =
-        p.out + (static_cast<int64_t>(q_bos + row) * p.num_heads + h) * C::kDv + 2 * t;
-#pragma unroll
-    for (int i = 0; i < C::kNTilesO; ++i) {
-      *reinterpret_cast<uint32_t*>(dst + i * 8) =
-          PackBf16x2(o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
-    }
-  }
+  StoreNormalizedRows<C::kDv>(p, o, l_run, row_lo, row_hi, len_q, q_bos, h, t);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -371,9 +413,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg_first_last = offset + q0 + wg * 64;  // last key of the warpgroup's first row
   const int wg_last_last = wg_first_last + 63;      // ... of its last row
 
-  float o[64];  // O: rows (g, g + 8) of the warp's 16, dv columns 8j + 2t (+1): o[4j + ..]
+  float o[kDv / 8][4];  // O: the lane's rows g, g + 8 of its warp's 16 (fragment layout: Flat)
 #pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  for (int i = 0; i < 64; ++i) Flat(o)[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_run[2] = {0.f, 0.f};
 
@@ -408,105 +450,49 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     // S = Q·Kᵀ for 64 rows × 128 keys.
-    float s[64];
+    float s[kBlockN / 8][4];
     take_turn();
     WgmmaFence();
 #pragma unroll
     for (int ks = 0; ks < kDqk / 16; ++ks) {
       const uint32_t at = (ks >> 2) * (kBlockM * 128) + (ks & 3) * 32;
       const uint32_t bt = (j & 1) * kKBytes + (ks >> 2) * (kBlockN * 128) + (ks & 3) * 32;
-      WgmmaBf16M64N128(s, AdvanceDescriptor(desc_q, at), AdvanceDescriptor(desc_k, bt), ks > 0);
+      WgmmaBf16M64N128(Flat(s), AdvanceDescriptor(desc_q, at), AdvanceDescriptor(desc_k, bt),
+                       ks > 0);
     }
     WgmmaCommit();
     pass_turn();
     WgmmaWait<0>();
-    FenceAccumulators(s);
+    FenceAccumulators(Flat(s));
 
     // Scale into the exp2 domain; mask keys past each row's position (only on blocks that reach
     // past the warpgroup's first row).
     const bool masked = key0 + kBlockN - 1 > wg_first_last;
-#pragma unroll
-    for (int jj = 0; jj < 16; ++jj) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int key = key0 + jj * 8 + 2 * t + e;
-        s[4 * jj + e] *= scale_log2;
-        s[4 * jj + 2 + e] *= scale_log2;
-        if (masked) {
-          if (key > last_lo) s[4 * jj + e] = -INFINITY;
-          if (key > last_hi) s[4 * jj + 2 + e] = -INFINITY;
-        }
-      }
-    }
-
-    // Online softmax, rows g (r = 0) and g + 8 (r = 1).
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int jj = 0; jj < 16; ++jj) {
-        mx = fmaxf(mx, fmaxf(s[4 * jj + 2 * r], s[4 * jj + 2 * r + 1]));
-      }
-      mx = WarpMaxXor(mx, 4);
-      const float m_new = fmaxf(m_run[r], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-      const float alpha = exp2f(m_run[r] - m_use);
-      m_run[r] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int jj = 0; jj < 16; ++jj) {
-        s[4 * jj + 2 * r] = exp2f(s[4 * jj + 2 * r] - m_use);
-        s[4 * jj + 2 * r + 1] = exp2f(s[4 * jj + 2 * r + 1] - m_use);
-        sum += s[4 * jj + 2 * r] + s[4 * jj + 2 * r + 1];
-      }
-      l_run[r] = l_run[r] * alpha + sum;  // per-lane partial; reduced over the row at the end
-#pragma unroll
-      for (int jj = 0; jj < 16; ++jj) {
-        o[4 * jj + 2 * r] *= alpha;
-        o[4 * jj + 2 * r + 1] *= alpha;
-      }
-    }
+    ScaleAndMask(s, scale_log2, masked, key0, t, last_lo, last_hi);
+    OnlineSoftmax(s, o, m_run, l_run);
 
     // O += P·V: the S accumulators of n8 tiles 2kk, 2kk + 1 are the A fragment of step kk.
     uint32_t pa[kBlockN / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      pa[kk][0] = PackBf16x2(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = PackBf16x2(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = PackBf16x2(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = PackBf16x2(s[8 * kk + 6], s[8 * kk + 7]);
-    }
+    for (int kk = 0; kk < kBlockN / 16; ++kk) PackPFragment(s, kk, pa[kk]);
     take_turn();
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      WgmmaBf16M64N128RegA<1>(o, pa[kk], AdvanceDescriptor(desc_v, (j & 1) * kVBytes + kk * 2048),
-                              true);
+      WgmmaBf16M64N128RegA<1>(Flat(o), pa[kk],
+                              AdvanceDescriptor(desc_v, (j & 1) * kVBytes + kk * 2048), true);
     }
     WgmmaCommit();
     pass_turn();
     WgmmaWait<0>();
-    FenceAccumulators(o);
+    FenceAccumulators(Flat(o));
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) FenceRegisters(pa[kk]);
   }
   if (wg == 0) take_turn();  // warpgroup 1's last pass: every arrival is consumed
   CpAsyncWait<0>();
 
-  // Normalize and store the valid rows.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = WarpSumXor(l_run[r], 4);
-    const float inv = l > 0.f ? 1.f / l : 0.f;  // 0: a query that sees no key
-    const int row = r == 0 ? row_lo : row_hi;
-    if (row >= len_q) continue;
-    bf16* const dst = p.out + (static_cast<int64_t>(q_bos + row) * p.num_heads + h) * kDv + 2 * t;
-#pragma unroll
-    for (int jj = 0; jj < 16; ++jj) {
-      *reinterpret_cast<uint32_t*>(dst + jj * 8) =
-          PackBf16x2(o[4 * jj + 2 * r] * inv, o[4 * jj + 2 * r + 1] * inv);
-    }
-  }
+  StoreNormalizedRows<kDv>(p, o, l_run, row_lo, row_hi, len_q, q_bos, h, t);
 }
 
 }  // namespace wg
